@@ -89,6 +89,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
+    if name not in MODEL_ALIASES:
+        from . import toyworld  # noqa: F401  (registers the "toy" alias; imported late to keep imports light)
     if name in MODEL_ALIASES:
         name = MODEL_ALIASES[name]()
     torch_dtype = resolve_dtype(dtype)
