@@ -31,7 +31,7 @@ def add_corpus_arguments(group) -> None:
                        help="statistics cache (default $KEDIT_STATS_DIR or ~/.cache/kedit/stats); with no "
                             "--corpus, cached statistics for the model are looked up there")
     group.add_argument("--batch-tokens", type=_positive_int, metavar="N",
-                       help="padded tokens per forward batch (default 4096 on CPU, 16384 on GPU)")
+                       help="padded tokens per forward batch (default 2048 on CPU, 16384 on GPU)")
     group.add_argument("--chunk-tokens", type=_positive_int, metavar="N",
                        help="tokens per chunk, the unit of checkpoints and of work per torchrun process "
                             "(default 32 x --batch-tokens)")

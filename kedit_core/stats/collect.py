@@ -78,7 +78,8 @@ class _Chunk:
 
 def default_batch_tokens(device: torch.device | str) -> int:
     """Tokens per forward batch: enough to keep a GPU busy, small enough for a CPU's caches."""
-    return 16384 if torch.device(device).type == "cuda" else 4096
+    # CPU: 2048 keeps padding near 4% with length-sorted chunks (4096: ~8%) while GEMMs stay efficient.
+    return 16384 if torch.device(device).type == "cuda" else 2048
 
 
 def distributed_info() -> tuple[int, int]:
