@@ -179,3 +179,14 @@ def test_cli_options_cov_files_and_the_cache_as_fallback(model, small_corpus, tm
     assert torch.equal(source.moment(model, 2).mom2, torch.eye(128))
     assert source.moment(model, 1).count == 400
     assert source.fallback.last_report[1]["status"] == "computed" and 2 not in source.fallback.last_report
+
+
+def test_tokenizer_fingerprint_is_stable_and_tells_tokenizers_apart():
+    from kedit_core.stats.collect import tokenizer_fingerprint
+    from kedit_core.testing import test_tokenizer
+
+    tok = test_tokenizer()
+    before = tokenizer_fingerprint(tok)
+    tok(["a long text " * 50], truncation=True, max_length=8)  # sets truncation state on the backend
+    assert tokenizer_fingerprint(tok) == before
+    assert tokenizer_fingerprint(test_tokenizer(add_bos=True)) != before
