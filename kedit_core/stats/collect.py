@@ -8,11 +8,13 @@ How a run goes (:func:`collect_second_moments`):
   that exactly ``tokens`` tokens count; a document budget stops after ``docs`` documents.
 * The token stream is cut into *chunks* of about ``chunk_tokens`` tokens. A chunk's documents are
   sorted by length and grouped into padded batches of at most ``batch_tokens`` tokens (a longer
-  document is a batch of its own), so little compute goes into padding.
+  document is a batch of its own) whose rows are all at least 90% as long as the longest, so padding
+  stays under 10%.
 * Each batch runs forward once with hooks on every requested layer's projection; the forward stops
   right after the deepest one (later layers and the LM head never run). Every non-padding token's key
   is added into a float64 accumulator per layer with :func:`kedit_core.ops.cov_accumulate_` (upper
-  triangle only), mirrored once at the end.
+  triangle only; keys of small batches are gathered first so each update multiplies at least
+  ``batch_tokens / 2`` rows), mirrored once at the end.
 * Chunks are the unit of resumption and of distribution: with ``checkpoint=path`` the partial sums
   and the position in the corpus are saved atomically after a chunk at most every
   ``checkpoint_every`` seconds, and a later run with the same settings continues from there, ending
@@ -182,17 +184,25 @@ def _plan_chunks(corpus: Corpus, tokenizer, *, max_length: int, tokens: int | No
         yield _Chunk(index, current, _Position(index + 1, docs_read, docs_used, total))
 
 
+# A batch's rows are at least this fraction of its longest row, so padding never exceeds 10% of it.
+_MIN_ROW_FILL = 0.9
+
+
 def _batches(documents: Sequence[list[int]], batch_tokens: int, pad_id: int
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
-    """``(input_ids, attention_mask or None, real_tokens)`` per padded batch of at most
-    ``batch_tokens`` tokens, longest documents first (None: the batch has no padding)."""
+    """``(input_ids, attention_mask or None, real_tokens)`` per padded batch, longest documents first:
+    at most ``batch_tokens`` tokens (a longer document is a batch of its own), and no document shorter
+    than 90% of the batch's longest, so padding stays under 10% (None: the batch has no padding)."""
     order = sorted(range(len(documents)), key=lambda i: (-len(documents[i]), i))
     start = 0
     while start < len(order):
         width = len(documents[order[start]])
         rows = max(1, batch_tokens // max(width, 1))
-        chosen = [documents[i] for i in order[start:start + rows]]
-        start += len(chosen)
+        end = start + 1
+        while end < len(order) and end - start < rows and len(documents[order[end]]) >= _MIN_ROW_FILL * width:
+            end += 1
+        chosen = [documents[i] for i in order[start:end]]
+        start = end
         ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
         lengths = torch.tensor([len(doc) for doc in chosen])
         for row, doc in enumerate(chosen):
@@ -202,6 +212,37 @@ def _batches(documents: Sequence[list[int]], batch_tokens: int, pad_id: int
         else:
             mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
             yield ids, mask, int(lengths.sum())
+
+
+class _Accumulator:
+    """Per-layer float64 ``Σ kkᵀ`` (upper triangle). Keys of small batches are gathered until at
+    least ``min_rows`` rows are waiting, so each triangle update (whose cost includes a pass over the
+    d x d accumulator) multiplies enough rows; a batch that large on its own goes straight in."""
+
+    def __init__(self, sums: dict[int, torch.Tensor], min_rows: int):
+        self.sums = sums
+        self.min_rows = min_rows
+        self.pending: dict[int, list[torch.Tensor]] = {layer: [] for layer in sums}
+        self.pending_rows = 0
+
+    def add(self, keys: dict[int, torch.Tensor], mask: torch.Tensor | None, rows: int) -> None:
+        if self.pending_rows == 0 and rows >= self.min_rows:
+            for layer, k in keys.items():
+                ops.cov_accumulate_(self.sums[layer], k, mask)
+            return
+        for layer, k in keys.items():
+            flat = k.reshape(-1, k.shape[-1])
+            self.pending[layer].append(flat[mask.reshape(-1)] if mask is not None else flat)
+        self.pending_rows += rows
+        if self.pending_rows >= self.min_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending_rows:
+            for layer, parts in self.pending.items():
+                ops.cov_accumulate_(self.sums[layer], torch.cat(parts) if len(parts) > 1 else parts[0])
+                parts.clear()
+            self.pending_rows = 0
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -322,6 +363,7 @@ def collect_second_moments(model, layers: Sequence[int], corpus, *, tokens: int 
     bar = tqdm(total=tokens if world == 1 else None, initial=pos.tokens if world == 1 else 0, unit="tok",
                unit_scale=True, dynamic_ncols=True, disable=not progress or rank != 0,
                desc=f"C0 layers {','.join(map(str, layers))}" + (f" rank {rank}/{world}" if world > 1 else ""))
+    accumulator = _Accumulator(sums, min_rows=max(1, batch_tokens // 2))
     started = time.perf_counter()
     last_save = started
     forward_tokens = 0
@@ -336,16 +378,16 @@ def collect_second_moments(model, layers: Sequence[int], corpus, *, tokens: int 
                     with TraceDict(model.model, list(names.values()), retain_input=True, retain_output=False,
                                    stop_after=deepest) as traces:
                         model.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-                    key_mask = mask.bool() if mask is not None else None
-                    for layer, name in names.items():
-                        keys = traces[name].input
-                        if keys is None:
-                            raise KeditError(f"the forward pass never reached {name}")
-                        ops.cov_accumulate_(sums[layer], keys, key_mask)
+                    keys = {layer: traces[name].input for layer, name in names.items()}
                     del traces
+                    missing = [names[layer] for layer, k in keys.items() if k is None]
+                    if missing:
+                        raise KeditError(f"the forward pass never reached {', '.join(missing)}")
+                    accumulator.add(keys, mask.bool() if mask is not None else None, n_real)
                     count += n_real
                     forward_tokens += n_real
                     bar.update(n_real)
+                accumulator.flush()  # a checkpoint after this chunk holds all of it
             pos = chunk.after
             chunks_done += 1
             now = time.perf_counter()
