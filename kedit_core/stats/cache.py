@@ -68,7 +68,6 @@ class _RunKey:
     model_name: str
     tokenizer_fingerprint: str
     corpus: dict
-    corpus_name: str
     corpus_origin: str
     tokens: int | None
     docs: int | None
@@ -183,7 +182,7 @@ class CachedCovariance:
         return _RunKey(
             model_fingerprint=fingerprint or model.fingerprint(), model_name=Path(str(model.source)).name or "model",
             tokenizer_fingerprint=tokenizer_fingerprint(model.tokenizer),
-            corpus=self.corpus.identity() if self.corpus is not None else {}, corpus_name=getattr(self.corpus, "name", ""),
+            corpus=self.corpus.identity() if self.corpus is not None else {},
             corpus_origin=getattr(self.corpus, "origin", ""),
             tokens=self.tokens, docs=self.docs, context_length=model.adapter.context_length,
             forward_dtype=str(model.dtype).replace("torch.", ""), mom2_dtype=self.mom2_dtype)

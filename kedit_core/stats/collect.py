@@ -367,7 +367,6 @@ def collect_second_moments(model, layers: Sequence[int], corpus, *, tokens: int 
     started = time.perf_counter()
     last_save = started
     forward_tokens = 0
-    chunks_done = 0
     try:
         for chunk in _plan_chunks(corpus, tokenizer, max_length=max_length, tokens=tokens, docs=docs,
                                   chunk_tokens=chunk_tokens, start=pos):
@@ -389,7 +388,6 @@ def collect_second_moments(model, layers: Sequence[int], corpus, *, tokens: int 
                     bar.update(n_real)
                 accumulator.flush()  # a checkpoint after this chunk holds all of it
             pos = chunk.after
-            chunks_done += 1
             now = time.perf_counter()
             if ckpt_path is not None and now - last_save >= checkpoint_every:
                 _save_checkpoint(ckpt_path, sums, count, settings, pos)

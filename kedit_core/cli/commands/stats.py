@@ -15,7 +15,8 @@ Editors (`kedit edit ... --corpus/--stats-dir`) reuse the cache when model, toke
 match; a corrupt file is recomputed.
 
 A run saves partial sums every --checkpoint-every seconds; run the same command again after an
-interruption (even kill -9) and it resumes. Under `torchrun --nproc-per-node N kedit stats ...` each
+interruption (even kill -9) and it resumes. Under
+`torchrun --nproc-per-node N -m kedit_core.cli.main stats ...` each
 process forwards its share of the corpus (gloo on CPU, NCCL on GPU), the sums are all-reduced and rank
 0 writes the cache.
 
