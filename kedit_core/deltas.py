@@ -54,6 +54,8 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=safetensors_metadata(meta))
+        with open(tmp, "rb") as written:  # on disk before the rename, so a crash cannot leave a torn file
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
