@@ -50,14 +50,15 @@ inline at::Tensor spd_solve_impl(const at::Tensor& a, const at::Tensor& b) {
   return at::cholesky_solve(b, cholesky_or_raise(a, "spd_solve", "matrix"), /*upper=*/false).contiguous();
 }
 
-// X = Y (alpha I + K^T Y)^-1 with Y = C^-1 K, C = L L^T: two triangular solves with m right-hand sides
-// and an m x m Cholesky solve. alpha = 1 gives (C + K K^T)^-1 K (Woodbury).
+// X = Y (alpha I + K^T Y)^-1 with Y = C^-1 K, C = L L^T. With Z = L^-1 K: Y = L^-T Z and K^T Y = Z^T Z, so
+// the m x m matrix is a Gram matrix (symmetric positive definite by construction). Cost: two triangular
+// solves with m right-hand sides and an m x m Cholesky solve. alpha = 1 gives (C + K K^T)^-1 K (Woodbury).
 inline at::Tensor spd_woodbury_solve_impl(const at::Tensor& factor, const at::Tensor& k, double alpha) {
   check_spd_square(factor, "spd_woodbury_solve", "factor");
   check_spd_rhs(factor, k, "spd_woodbury_solve", "factor", "k");
-  const at::Tensor y = at::cholesky_solve(k, factor, /*upper=*/false);
-  at::Tensor s = at::matmul(k.mT(), y);
-  s = (s + s.mT()).mul_(0.5);
+  const at::Tensor z = at::linalg_solve_triangular(factor, k, /*upper=*/false, /*left=*/true);
+  const at::Tensor y = at::linalg_solve_triangular(factor.mT(), z, /*upper=*/true, /*left=*/true);
+  at::Tensor s = at::matmul(z.mT(), z);
   s.diagonal(0, -2, -1).add_(alpha);
   const at::Tensor small = cholesky_or_raise(s, "spd_woodbury_solve", "capacitance matrix (alpha*I + K^T C^-1 K)");
   return at::cholesky_solve(y.mT(), small, /*upper=*/false).mT().contiguous();

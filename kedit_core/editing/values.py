@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..tracing import TraceDict, primary, replace_primary
-from .forward import block_output, replaying_blocks
+from .forward import BlockOutput, replaying_blocks
 from .rows import TokenRows
 
 __all__ = ["ValueSettings", "Injection", "ValueResult", "optimise_values_batched", "optimise_values_reference"]
@@ -52,6 +52,9 @@ class ValueSettings:
     loss_threshold: float = LOSS_THRESHOLD
     stop_when_most_probable: bool = False
     batch_requests: int = 256      # requests optimised together (memory bound)
+    reuse_prefix: bool = True      # compute only the positions from each row's fact token on, above the replay
+    max_buckets: int = 8           # rows are grouped by fact-token position into at most this many forwards
+    min_bucket_rows: int = 64      # ... each of at least this many rows
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,26 @@ def optimise_values_batched(model, rows: TokenRows, target_lengths: Sequence[int
                        final_loss=[x for r in results for x in r.final_loss])
 
 
+def _buckets(lookup: torch.Tensor, max_buckets: int) -> list[tuple[torch.Tensor, int]]:
+    """Rows grouped by fact-token position: contiguous groups of the rows sorted by position, each with
+    its split point ``P`` (the smallest position in the group)."""
+    order = torch.argsort(lookup.cpu(), stable=True)
+    groups = [g for g in torch.tensor_split(order, min(max_buckets, len(order))) if g.numel()]
+    return [(g.to(lookup.device), int(lookup[g].min())) for g in groups]
+
+
+def _prefix_cache(snapshot, rows: torch.Tensor):
+    """A fresh cache holding the bucket's constant prefix keys/values for ``rows`` (its own tensors are
+    never extended in place, so every step starts from the same prefix)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in snapshot])
+
+
 def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths, settings: ValueSettings,
                     injection: Injection, bar) -> ValueResult:
+    from transformers import DynamicCache
+
     adapter = model.adapter
     device = model.device
     n = len(requests)
@@ -146,8 +167,7 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
     owner = torch.tensor([local_of[rows.owner[r]] for r in chunk_rows], dtype=torch.long, device=device)
     is_kl = torch.tensor([rows.kind[r] == "kl" for r in chunk_rows], device=device)
     # Each request's first rewriting row (its bare prompt) defines h_init; its KL row the KL term.
-    first_row = [-1] * n
-    kl_row = [-1] * n
+    first_row, kl_row = [-1] * n, [-1] * n
     for b, r in enumerate(chunk_rows):
         i = local_of[rows.owner[r]]
         if rows.kind[r] == "kl":
@@ -156,85 +176,119 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
             first_row[i] = b
     first_row = torch.tensor(first_row, dtype=torch.long, device=device)
     kl_row = torch.tensor(kl_row, dtype=torch.long, device=device)
-    n_rewrite = torch.zeros(n, device=device).index_add_(0, owner[~is_kl], torch.ones(int((~is_kl).sum()),
-                                                                                      device=device))
-    target_len = torch.tensor([float(target_lengths[r]) for r in requests], device=device)
-    if model.dtype == torch.float64:
-        n_rewrite, target_len = n_rewrite.double(), target_len.double()
+    acc = _float_type(model)
+    n_rewrite = torch.zeros(n, dtype=acc, device=device).index_add_(
+        0, owner[~is_kl], torch.ones(int((~is_kl).sum()), dtype=acc, device=device))
+    target_len = torch.tensor([float(target_lengths[r]) for r in requests], dtype=acc, device=device)
     # Every target token of every rewriting row: (row, position, token).
     label_rows, label_pos = torch.nonzero(batch.labels != -100, as_tuple=True)
     label_tok = batch.labels[label_rows, label_pos]
 
-    # The blocks below the injection site run once; later steps replay their output.
-    replay_layer = injection.layer if injection.site == "block" else injection.layer - 1
-    cached = block_output(model, batch.model_inputs, replay_layer) if replay_layer >= 0 else None
-
-    d = adapter.hidden_size
-    acc = _float_type(model)
-    delta = torch.zeros(n, d, dtype=acc, device=device)
-    exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
-    init = torch.zeros(n, d, dtype=acc, device=device)
-    init_norm_sq = torch.ones(n, dtype=acc, device=device)
-    kl_init = None
-    active = torch.ones(n, dtype=torch.bool, device=device)
-    steps = [0] * n
-    final_loss = [float("nan")] * n
     site = _site_module(model, injection)
     nll_name = adapter.layer_name(injection.nll_layer)
     last_name = adapter.layer_name(adapter.num_layers - 1)
     traced = list(dict.fromkeys([site, nll_name, last_name]))
+    replay_layer = injection.layer if injection.site == "block" else injection.layer - 1
+    reuse_prefix = settings.reuse_prefix and replay_layer < adapter.num_layers - 1
+
+    # One pass without δ: the output of the last replayed block (the blocks up to it never run again),
+    # h_init at the injection site, and every layer's keys/values (the positions before a row's fact
+    # token never change in any layer, so later steps only compute the positions from there on).
+    names = [site] + ([adapter.layer_name(replay_layer)] if replay_layer >= 0 else [])
+    cache = DynamicCache() if reuse_prefix else None
+    with torch.no_grad(), TraceDict(model.model, names, retain_output=True, stop_after=last_name) as td:
+        model.model(**batch.model_inputs, past_key_values=cache, use_cache=cache is not None)
+    init = primary(td[site].output)[first_row, batch.lookup[first_row]].to(acc)
+    init_norm_sq = init.norm(dim=1) ** 2
+    cached = BlockOutput(primary(td[names[-1]].output).detach(), td[names[-1]].output) if replay_layer >= 0 else None
+    buckets = []
+    # A forward per bucket costs a fixed overhead: only batches of some size are split.
+    n_buckets = max(1, min(settings.max_buckets, len(chunk_rows) // settings.min_bucket_rows))
+    for bucket_rows, split in (_buckets(batch.lookup, n_buckets) if reuse_prefix
+                               else [(torch.arange(len(chunk_rows), device=device), 0)]):
+        snapshot = None
+        if split > 0:
+            snapshot = []
+            for i, layer in enumerate(cache.layers):
+                if i <= replay_layer:  # never attended to again: a stand-in that only carries the length
+                    k = torch.zeros(len(bucket_rows), 1, split, 1, dtype=layer.keys.dtype, device=device)
+                    snapshot.append((k, k))
+                else:
+                    snapshot.append((layer.keys[bucket_rows, :, :split].detach(),
+                                     layer.values[bucket_rows, :, :split].detach()))
+        buckets.append((bucket_rows, split, snapshot))
+    del cache
+
+    d = adapter.hidden_size
+    delta = torch.zeros(n, d, dtype=acc, device=device)
+    exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
+    kl_init = None
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    steps = [0] * n
+    final_loss = [float("nan")] * n
+    label_is = torch.zeros(len(chunk_rows), dtype=torch.bool, device=device)
 
     # The published loop leaves its last iteration before updating, so that forward changes nothing and is
-    # skipped (unless it is the only one: it still records h_init).
+    # skipped (unless it is the only one).
     for it in range(max(settings.num_steps - 1, 1)):
         req_idx = torch.nonzero(active).reshape(-1)
-        row_mask = active[owner]
-        row_idx = torch.nonzero(row_mask).reshape(-1)
-        sub_owner = owner[row_idx]
-        lookup = batch.lookup[row_idx]
-        arange = torch.arange(row_idx.numel(), device=device)
-        local = torch.full((len(chunk_rows),), -1, dtype=torch.long, device=device)
-        local[row_idx] = arange
+        row_active = active[owner]
         delta_var = delta.clone().requires_grad_(True)
-        seen: dict = {}
+        nll = torch.zeros(n, dtype=acc, device=device)
+        kl_logp = torch.zeros(n, 1, dtype=acc, device=device)
+        misses = torch.zeros(n, dtype=acc, device=device)
+        with torch.enable_grad():
+            for bucket_rows, split, snapshot in buckets:
+                keep = row_active[bucket_rows]
+                if not bool(keep.any()):
+                    continue
+                sel = bucket_rows[keep]
+                sub_owner = owner[sel]
+                arange = torch.arange(sel.numel(), device=device)
+                lookup = batch.lookup[sel] - split
 
-        def add_delta(output, layer):
-            if layer != site:
-                return output
-            h = primary(output)
-            if it == 0:
-                seen["init"] = h.detach()
-            h = h.index_put((arange, lookup), h[arange, lookup] + delta_var[sub_owner].to(h.dtype))
-            return replace_primary(output, h)
+                def add_delta(output, layer, arange=arange, lookup=lookup, sub_owner=sub_owner):
+                    if layer != site:
+                        return output
+                    h = primary(output)
+                    h = h.index_put((arange, lookup), h[arange, lookup] + delta_var[sub_owner].to(h.dtype))
+                    return replace_primary(output, h)
 
-        replay = (replaying_blocks(model, replay_layer, cached, cached.hidden[row_idx]) if cached is not None
-                  else contextlib.nullcontext())
-        with torch.enable_grad(), replay:
-            with TraceDict(model.model, traced, retain_output=True, stop_after=last_name, edit_output=add_delta) as td:
-                model.model(input_ids=batch.input_ids[row_idx], attention_mask=batch.attention_mask[row_idx],
-                            use_cache=False)
-            if it == 0:  # h_init: the site's output at the bare prompt's fact token, before any δ
-                init = seen["init"][local[first_row], batch.lookup[first_row]].to(acc)
-                init_norm_sq = init.norm(dim=1) ** 2
-            sel = row_mask[label_rows]
-            l_rows, l_pos, l_tok = local[label_rows[sel]], label_pos[sel], label_tok[sel]
-            l_owner = sub_owner[l_rows]
-            logp = torch.log_softmax(_logits(model, primary(td[nll_name].output)[l_rows, l_pos]).to(acc), dim=-1)
-            token_nll = -logp.gather(1, l_tok.unsqueeze(1)).squeeze(1)
-            nll = (torch.zeros(n, dtype=acc, device=device).index_add(0, l_owner, token_nll) / target_len
-                   / n_rewrite.clamp_min(1))
-            k_rows = local[kl_row[req_idx]]
-            kl_logp = torch.log_softmax(
-                _logits(model, primary(td[last_name].output)[k_rows, lookup[k_rows]]).to(acc), dim=-1)
+                past = _prefix_cache(snapshot, keep.nonzero().reshape(-1)) if snapshot is not None else None
+                replay = (replaying_blocks(model, replay_layer, cached, cached.hidden[sel, split:])
+                          if cached is not None else contextlib.nullcontext())
+                with replay, TraceDict(model.model, traced, retain_output=True, stop_after=last_name,
+                                       edit_output=add_delta) as tdb:
+                    model.model(input_ids=batch.input_ids[sel, split:], attention_mask=batch.attention_mask[sel],
+                                past_key_values=past, use_cache=past is not None)
+                local = torch.full((len(chunk_rows),), -1, dtype=torch.long, device=device)
+                local[sel] = arange
+                label_is.zero_()
+                label_is[sel] = True
+                lab = label_is[label_rows]
+                l_rows, l_pos, l_tok = local[label_rows[lab]], label_pos[lab] - split, label_tok[lab]
+                if l_rows.numel():
+                    logp = torch.log_softmax(_logits(model, primary(tdb[nll_name].output)[l_rows, l_pos]).to(acc),
+                                             dim=-1)
+                    l_owner = sub_owner[l_rows]
+                    nll = nll.index_add(0, l_owner, -logp.gather(1, l_tok.unsqueeze(1)).squeeze(1))
+                    if settings.stop_when_most_probable:
+                        misses = misses.index_add(0, l_owner, (logp.argmax(-1) != l_tok).to(acc))
+                kl_sel = is_kl[sel]
+                if bool(kl_sel.any()):
+                    k_local = arange[kl_sel]
+                    logits = _logits(model, primary(tdb[last_name].output)[k_local, lookup[k_local]]).to(acc)
+                    if kl_logp.shape[1] != logits.shape[1]:
+                        kl_logp = torch.zeros(n, logits.shape[1], dtype=acc, device=device)
+                    kl_logp = kl_logp.index_put((sub_owner[k_local],), torch.log_softmax(logits, dim=-1))
+            nll = nll / target_len / n_rewrite.clamp_min(1)
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()  # every request is active at step 0
-            kl_terms = (kl_logp.exp() * (kl_logp - kl_init[req_idx])).sum(-1)
-            kl = torch.zeros(n, dtype=acc, device=device).index_put((req_idx,), kl_terms)
+            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1) * active
             decay = settings.weight_decay * delta_var.norm(dim=1) / init_norm_sq
             loss = nll + settings.kl_factor * kl + decay
             done = (loss.detach() < settings.loss_threshold) & active
             if settings.stop_when_most_probable:
-                misses = torch.zeros(n, device=device).index_add(0, l_owner, (logp.argmax(-1) != l_tok).float())
                 done |= (misses == 0) & active
             for r, value in zip(req_idx.tolist(), loss.detach()[req_idx].tolist()):
                 final_loss[r] = value
@@ -261,7 +315,6 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
             steps[r] += 1
     return ValueResult(target=(init + delta).cpu(), init=init.cpu(), delta=delta.cpu(), steps=steps,
                        final_loss=final_loss)
-
 
 
 # --------------------------------------------------------------------------------------------------

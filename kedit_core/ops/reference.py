@@ -124,13 +124,14 @@ def spd_woodbury_solve(factor: torch.Tensor, k: torch.Tensor, alpha: float = 1.0
 
     With ``α = 1`` this is ``(C + K Kᵀ)⁻¹ K`` by the Woodbury identity (MEMIT's update); with a small
     ``α`` it is EMMET's ``C⁻¹ K (Kᵀ C⁻¹ K + α I)⁻¹``. Cost: two triangular solves with ``m`` right-hand
-    sides and one ``m × m`` Cholesky solve, instead of factorising an ``n × n`` matrix.
+    sides and one ``m × m`` Cholesky solve, instead of factorising an ``n × n`` matrix. ``Kᵀ C⁻¹ K`` is formed
+    as ``Zᵀ Z`` with ``Z = L⁻¹ K``, so it is symmetric positive semi-definite by construction.
     """
     _check_square(factor, "spd_woodbury_solve", "factor")
     _check_rhs(factor, k, "spd_woodbury_solve", "factor", "k")
-    y = torch.cholesky_solve(k, factor)
-    s = k.mT @ y
-    s = 0.5 * (s + s.mT)
+    z = torch.linalg.solve_triangular(factor, k, upper=False)     # L⁻¹ K
+    y = torch.linalg.solve_triangular(factor.mT, z, upper=True)   # C⁻¹ K = L⁻ᵀ L⁻¹ K
+    s = z.mT @ z                                                   # Kᵀ C⁻¹ K, a Gram matrix
     s.diagonal(dim1=-2, dim2=-1).add_(alpha)
     small = _cholesky_or_raise(s, "spd_woodbury_solve", "capacitance matrix (alpha*I + K^T C^-1 K)")
     return torch.cholesky_solve(y.mT, small).mT

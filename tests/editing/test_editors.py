@@ -119,3 +119,34 @@ def test_a_failed_edit_leaves_the_model_unchanged(gpt2):
     with pytest.raises(KeditError, match="layer 2.*not positive definite"):
         run(model, broken, "emmet", requests_for_tests(), layers=[1, 2], v_num_grad_steps=2)
     assert_bit_identical(model, before)
+
+
+def test_word_level_tokenizer_with_bos():
+    """The toy-world setting: a small GPT-2 over a word-level vocabulary whose tokenizer adds BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from kedit_core.models import wrap_model
+    from kedit_core.testing import tiny_config
+
+    words = ["[BOS]", "[PAD]", "[UNK]", "The", "capital", "city", "of", "France", "Spain", "is", "a", "Berlin",
+             "Paris", "Madrid", "Rome", "sky", "was", "clear.", "Because", "this,"]
+    vocab = {w: i for i, w in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="[BOS]", pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_config(tiny_config("gpt2", num_layers=4, hidden_size=64, vocab_size=len(words)))
+    model = wrap_model(net, tok, source="word-level")
+    requests = [EditRequest("The capital city of {}", "France", "Rome", "Paris"),
+                EditRequest("The capital city of {}", "Spain", "Berlin", "Madrid")]
+    before = state_snapshot(model)
+    result = kedit.compute_edit(model, requests, "memit", layers=[1, 2], mom2_adjustment=False,
+                                context=kedit.EditContext(context_templates=[["{}"], ["The sky was clear. {}"]],
+                                                          progress=False),
+                                **{k: v for k, v in TINY_SETTINGS.items()})
+    assert_bit_identical(model, before)
+    with result.deltas.apply(model.model):
+        for request, (new, true) in zip(requests, target_nlls(model, requests)):
+            assert new < true, request

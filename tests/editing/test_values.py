@@ -49,6 +49,20 @@ def test_batched_equals_one_at_a_time(models, injection):
         assert (batched.delta.norm(dim=1) > 0).all()
 
 
+@pytest.mark.parametrize("buckets", [1, 4])
+def test_prefix_reuse_is_exact(models, buckets):
+    """Above the replayed layers only the positions from each row's fact token on are recomputed, in
+    buckets of rows grouped by that position; nothing changes numerically."""
+    model = models[torch.float64]
+    rows, lengths = value_rows(model.tokenizer, REQUESTS, TEMPLATES, fact_token="subject_last", rule="offsets")
+    for injection in SITES[:2]:
+        plain = optimise_values_batched(model, rows, lengths, ValueSettings(**{**PUBLISHED.__dict__,
+                                                                             "reuse_prefix": False}), injection)
+        reused = optimise_values_batched(model, rows, lengths, ValueSettings(
+            **{**PUBLISHED.__dict__, "max_buckets": buckets, "min_bucket_rows": 1}), injection)
+        assert (relative(plain, reused) <= 1e-8).all()
+
+
 def test_requests_stop_independently(models):
     model = models[torch.float64]
     rows, lengths = value_rows(model.tokenizer, REQUESTS, TEMPLATES, fact_token="subject_last", rule="offsets")
