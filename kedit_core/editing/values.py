@@ -17,8 +17,11 @@ Two implementations with the same semantics:
 * :func:`optimise_values_reference` — the published loop: one request at a time, a full forward per
   step, ``torch.optim.Adam``, logits everywhere.
 * :func:`optimise_values_batched` — kedit's default: all requests of a chunk in one batch (δ is
-  ``[N, d]``); the layers below the injection site run once and are replayed; the forward stops after
-  the last layer and the unembedding runs only where the loss reads logits; a request that stops is
+  ``[N, d]``); the layers below the injection site run once and are replayed; above it, the positions
+  before each row's fact token never change either, so their keys/values are kept from the first pass
+  and later steps run only from the fact token on (rows are grouped by that position into a few
+  forwards); the forward stops after the last layer and the unembedding runs only where the loss
+  reads logits; a request that stops is
   frozen (its rows leave the batch); Adam is applied row-wise with the same arithmetic as
   ``torch.optim.Adam``, so each request follows the trajectory it would follow alone. Optional: stop a
   request as soon as its target is the argmax at every target position of every rewriting prompt.
@@ -191,33 +194,43 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
     replay_layer = injection.layer if injection.site == "block" else injection.layer - 1
     reuse_prefix = settings.reuse_prefix and replay_layer < adapter.num_layers - 1
 
-    # One pass without δ: the output of the last replayed block (the blocks up to it never run again),
-    # h_init at the injection site, and every layer's keys/values (the positions before a row's fact
-    # token never change in any layer, so later steps only compute the positions from there on).
-    names = [site] + ([adapter.layer_name(replay_layer)] if replay_layer >= 0 else [])
-    cache = DynamicCache() if reuse_prefix else None
-    with torch.no_grad(), TraceDict(model.model, names, retain_output=True, stop_after=last_name) as td:
-        model.model(**batch.model_inputs, past_key_values=cache, use_cache=cache is not None)
-    init = primary(td[site].output)[first_row, batch.lookup[first_row]].to(acc)
-    init_norm_sq = init.norm(dim=1) ** 2
-    cached = BlockOutput(primary(td[names[-1]].output).detach(), td[names[-1]].output) if replay_layer >= 0 else None
-    buckets = []
-    # A forward per bucket costs a fixed overhead: only batches of some size are split.
+    # One pass without δ, bucket by bucket: the output of the last replayed block (the blocks up to it
+    # never run again), h_init at the injection site, and the keys/values of the layers above it at the
+    # positions before each bucket's split (they never change: later steps start at the split).
     n_buckets = max(1, min(settings.max_buckets, len(chunk_rows) // settings.min_bucket_rows))
-    for bucket_rows, split in (_buckets(batch.lookup, n_buckets) if reuse_prefix
-                               else [(torch.arange(len(chunk_rows), device=device), 0)]):
+    plan = (_buckets(batch.lookup, n_buckets) if reuse_prefix
+            else [(torch.arange(len(chunk_rows), device=device), 0)])
+    names = [site] + ([adapter.layer_name(replay_layer)] if replay_layer >= 0 else [])
+    init = torch.zeros(n, adapter.hidden_size, dtype=acc, device=device)
+    replay_hidden, cached, buckets = None, None, []
+    for bucket_rows, split in plan:
+        cache = DynamicCache() if split > 0 else None
+        with torch.no_grad(), TraceDict(model.model, names, retain_output=True, stop_after=last_name) as td:
+            model.model(input_ids=batch.input_ids[bucket_rows], attention_mask=batch.attention_mask[bucket_rows],
+                        past_key_values=cache, use_cache=cache is not None)
+        local = torch.full((len(chunk_rows),), -1, dtype=torch.long, device=device)
+        local[bucket_rows] = torch.arange(bucket_rows.numel(), device=device)
+        mine = torch.nonzero(local[first_row] >= 0).reshape(-1)  # requests whose bare prompt is here
+        site_out = primary(td[site].output)
+        init[mine] = site_out[local[first_row[mine]], batch.lookup[first_row[mine]]].to(acc)
+        if replay_layer >= 0:
+            block_out = primary(td[names[-1]].output)
+            if replay_hidden is None:
+                replay_hidden = block_out.new_empty((len(chunk_rows),) + tuple(block_out.shape[1:]))
+                cached = BlockOutput(replay_hidden, td[names[-1]].output)
+            replay_hidden[bucket_rows] = block_out
         snapshot = None
-        if split > 0:
+        if cache is not None:
             snapshot = []
             for i, layer in enumerate(cache.layers):
                 if i <= replay_layer:  # never attended to again: a stand-in that only carries the length
-                    k = torch.zeros(len(bucket_rows), 1, split, 1, dtype=layer.keys.dtype, device=device)
+                    k = torch.zeros(bucket_rows.numel(), 1, split, 1, dtype=layer.keys.dtype, device=device)
                     snapshot.append((k, k))
                 else:
-                    snapshot.append((layer.keys[bucket_rows, :, :split].detach(),
-                                     layer.values[bucket_rows, :, :split].detach()))
+                    snapshot.append((layer.keys[:, :, :split].clone(), layer.values[:, :, :split].clone()))
         buckets.append((bucket_rows, split, snapshot))
-    del cache
+        del cache, td
+    init_norm_sq = init.norm(dim=1) ** 2
 
     d = adapter.hidden_size
     delta = torch.zeros(n, d, dtype=acc, device=device)
