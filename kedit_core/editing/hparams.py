@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from ..errors import HyperParamsError
-from ..hparams import HyperParams
+from ..hparams import HyperParams, find_model_defaults
 from .positions import FACT_TOKENS
 from .solvers import SOLVERS
 
@@ -164,18 +165,22 @@ def _config_matches(config, match: dict) -> bool:
 def published_defaults(hparams_cls, package: str, model):
     """The published settings shipped in ``<package>/hparams/`` for this model, or ``None``.
 
-    ``hparams/index.json`` lists ``{"file": ..., "match": {config attribute: value}, "source": ...}``;
-    the first entry whose ``match`` fits the model's config wins.
+    Found by the model's name first (:func:`kedit_core.hparams.find_model_defaults`: ``gpt2-xl.json`` for
+    ``openai-community/gpt2-xl``), then by its architecture: ``hparams/index.json`` lists
+    ``{"file": ..., "match": {config attribute: value}, "source": ...}`` and the first entry whose
+    ``match`` fits the model's config wins (so a local copy of GPT-J under any directory name gets GPT-J's
+    settings).
     """
-    root = resources.files(package).joinpath("hparams")
-    index = json.loads(root.joinpath("index.json").read_text(encoding="utf-8"))
-    config = getattr(model.model, "config", None)
-    for entry in index["models"]:
-        if config is not None and _config_matches(config, entry["match"]):
-            path = root.joinpath(entry["file"])
-            data = json.loads(path.read_text(encoding="utf-8"))
-            return hparams_cls.from_dict(data, source=f"{package}/hparams/{entry['file']}")
-    return None
+    root = Path(str(resources.files(package).joinpath("hparams")))
+    path = find_model_defaults(root, model)
+    if path is None:
+        index = json.loads((root / "index.json").read_text(encoding="utf-8"))
+        config = getattr(getattr(model, "model", None), "config", None)
+        entry = next((e for e in index["models"] if config is not None and _config_matches(config, e["match"])), None)
+        path = root / entry["file"] if entry is not None else None
+    if path is None:
+        return None
+    return hparams_cls.from_dict(json.loads(path.read_text(encoding="utf-8")), source=f"{package}/hparams/{path.name}")
 
 
 def inferred_layers(num_layers: int, count: int) -> list[int]:

@@ -73,7 +73,7 @@ def test_user_errors_are_one_line(workdir, capsys):
     assert main(bad) == 2
     assert "no covariance file given for layer(s) [2]" in capsys.readouterr().err
     assert main(args(workdir, "--set", "v_lrr=1")) == 2
-    assert "unknown key(s) ['v_lrr']" in capsys.readouterr().err
+    assert "unknown key 'v_lrr'" in capsys.readouterr().err
     wrong = [a if a != "memit" else "memitt" for a in args(workdir)]
     assert main(wrong) == 2
     assert "no editor named 'memitt'" in capsys.readouterr().err

@@ -74,8 +74,8 @@ def fake_model(config_cls, **attrs):
     import transformers
 
     config = getattr(transformers, config_cls)(**attrs)
-    return SimpleNamespace(model=SimpleNamespace(config=config), adapter=SimpleNamespace(num_layers=attrs.get(
-        "n_layer", attrs.get("num_hidden_layers"))))
+    return SimpleNamespace(model=SimpleNamespace(config=config), source="/models/some-local-copy",
+                           adapter=SimpleNamespace(num_layers=attrs.get("n_layer", attrs.get("num_hidden_layers"))))
 
 
 def test_published_defaults_are_found_by_model():
@@ -95,6 +95,13 @@ def test_published_defaults_are_found_by_model():
     assert emmet.default_hparams(gpt2xl).mom2_update_weight == 1000 and emmet.default_hparams(gptj).layers == [5]
     small = fake_model("GPT2Config", n_layer=12, n_embd=768)
     assert memit.default_hparams(small).layers == [2, 3, 4]  # inferred: ends near 30% of the depth
+
+
+def test_published_defaults_are_found_by_name_too():
+    memit = get_editor("memit")
+    by_name = SimpleNamespace(model=SimpleNamespace(config=None), source="meta-llama/Meta-Llama-3-8B",
+                              adapter=SimpleNamespace(num_layers=32))
+    assert memit.default_hparams(by_name).layers == [4, 5, 6, 7, 8]
 
 
 def test_every_shipped_file_validates():

@@ -85,21 +85,6 @@ def parse_layers(text: str | None) -> list[int] | None:
     return sorted(set(layers))
 
 
-def parse_overrides(items: list[str]) -> dict:
-    from ...errors import KeditError
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise KeditError(f"--set {item!r}: expected KEY=VALUE, e.g. --set v_lr=0.1")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value  # a bare string
-    return out
-
-
 def summarize(result, model, requests, seconds_total: float) -> dict:
     deltas = result.deltas
     return {
@@ -151,11 +136,12 @@ def run(args) -> int:
     from ... import compute_edit, load_model, load_requests
     from ...editing import load_context_templates
     from ...editors import EditContext, get_editor
+    from ...hparams import parse_assignments
     from ...stats import source_from_args
 
     requests = load_requests(args.requests, args.format, limit=args.limit)
     editor_cls = get_editor(args.method)  # fail on a misspelled editor before loading the model
-    overrides = parse_overrides(args.set)
+    overrides = parse_assignments(editor_cls.HParams, args.set)
     layers = parse_layers(args.layers)
     if layers is not None:
         overrides["layers"] = layers
