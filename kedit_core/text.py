@@ -15,8 +15,15 @@ from typing import Iterator, Sequence
 import torch
 
 IGNORE = -100
-# Default padded-token budget of one scoring batch (``len(batch) * longest row``).
-DEFAULT_SCORE_TOKENS = 4096
+# Default padded-token budget of one scoring batch (``len(batch) * longest row``), by device type:
+# on CPUs, batches past a few hundred tokens fall out of cache and get slower per token (measured with
+# bench/bench_eval.py); GPUs want large batches.
+DEFAULT_SCORE_TOKENS = {"cpu": 512, "cuda": 8192}
+
+
+def default_score_tokens(device) -> int:
+    """The padded-token budget :func:`score_targets` uses on ``device`` when none is given."""
+    return DEFAULT_SCORE_TOKENS.get(torch.device(device).type, 4096)
 
 
 def encode(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
@@ -163,7 +170,9 @@ class TargetScore:
         return sum(hits) / len(hits)
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def supports_logits_to_keep(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (compute the vocabulary projection only where
+    asked)."""
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -180,7 +189,7 @@ def labelled_logits(model, batch: PromptTargetBatch, *, select: bool | None = No
     """
     mask = batch.labels != IGNORE
     if select is None:
-        select = _accepts_logits_to_keep(model)
+        select = supports_logits_to_keep(model)
     if select:
         try:
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=mask).logits
@@ -193,13 +202,13 @@ def labelled_logits(model, batch: PromptTargetBatch, *, select: bool | None = No
 
 @torch.no_grad()
 def score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
-                  max_tokens: int = DEFAULT_SCORE_TOKENS, max_batch: int | None = None, progress: bool = False,
+                  max_tokens: int | None = None, max_batch: int | None = None, progress: bool = False,
                   desc: str = "scoring") -> list[TargetScore]:
     """Teacher-forced scores of ``targets[i]`` after ``prompts[i]`` for many pairs at once.
 
     Pairs are tokenised once (repeated prompts and targets are encoded once), sorted by length and run
-    in right-padded batches of at most ``max_tokens`` padded tokens (``max_batch`` rows), so short
-    prompts are not padded to long ones. ``max_batch=1`` scores one pair per forward pass. ``model`` is
+    in right-padded batches of at most ``max_tokens`` padded tokens (``max_batch`` rows; default
+    :func:`default_score_tokens` for the model's device), so short prompts are not padded to long ones. ``max_batch=1`` scores one pair per forward pass. ``model`` is
     the Hugging Face module (``LoadedModel.model``). Returns one :class:`TargetScore` per pair, in order.
     """
     from tqdm.auto import tqdm
@@ -215,9 +224,10 @@ def score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
             raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to no tokens")
     lengths = [len(p) + len(t) for p, t in zip(p_ids, t_ids)]
     device = next(model.parameters()).device
+    max_tokens = max_tokens or default_score_tokens(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[TargetScore | None] = [None] * len(prompts)
-    select = _accepts_logits_to_keep(model)
+    select = supports_logits_to_keep(model)
     with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
         for index in batches_by_tokens(lengths, max_tokens, max_batch=max_batch):
             batch = collate_prompt_targets([p_ids[i] for i in index], [t_ids[i] for i in index],

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-from ..text import DEFAULT_SCORE_TOKENS, score_targets
+from ..text import score_targets
 from .aggregate import aggregate_records, harmonic_mean, mean
 from .datasets import CounterFactCase
 from .generation import GenerationSettings, prompt_seed, sample_texts
@@ -48,7 +48,7 @@ def _section_prompts(case: CounterFactCase, section: str) -> Sequence[str]:
             "neighborhood": case.neighborhood_prompts}[section]
 
 
-def score_counterfact(model, tokenizer, cases: Sequence[CounterFactCase], *, max_tokens: int = DEFAULT_SCORE_TOKENS,
+def score_counterfact(model, tokenizer, cases: Sequence[CounterFactCase], *, max_tokens: int | None = None,
                       max_batch: int | None = None, progress: bool = False) -> list[dict]:
     """Score every prompt of every case against both targets in one batched pass and return, per case,
     ``{"case_id", "nll": {section: [{"target_new", "target_true"}]}, "correct": {section: [bool]},

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from ..text import DEFAULT_SCORE_TOKENS, TargetScore, score_targets
+from ..text import TargetScore, score_targets
 
 __all__ = ["Fact", "predict_facts", "accuracy", "locality", "token_agreement", "RetentionMetrics", "retention_metrics",
            "FLearningMetrics", "FactProbe"]
@@ -50,7 +50,7 @@ def _module_and_tokenizer(model, tokenizer):
     return model, tokenizer
 
 
-def predict_facts(model, facts: Sequence[Fact], tokenizer=None, *, max_tokens: int = DEFAULT_SCORE_TOKENS,
+def predict_facts(model, facts: Sequence[Fact], tokenizer=None, *, max_tokens: int | None = None,
                   progress: bool = False) -> list[TargetScore]:
     """Teacher-forced scores of every fact in padded batches. ``model`` is a
     :class:`~kedit_core.LoadedModel`, or a Hugging Face module with ``tokenizer`` given."""
@@ -111,7 +111,7 @@ class RetentionMetrics:
 
 
 def retention_metrics(model, modified: Sequence[Fact], unmodified: Sequence[Fact], tokenizer=None, *,
-                      max_tokens: int = DEFAULT_SCORE_TOKENS) -> RetentionMetrics:
+                      max_tokens: int | None = None) -> RetentionMetrics:
     """``A_M`` on ``modified`` (facts with their new targets), ``A_{F\\S}`` on ``unmodified``, and
     ``Ā = (A_M + A_{F\\S}) / 2``."""
     scores = predict_facts(model, list(modified) + list(unmodified), tokenizer, max_tokens=max_tokens)
@@ -147,7 +147,7 @@ class FactProbe:
 
     def __init__(self, model, *, modified: Sequence[Fact], unmodified: Sequence[Fact] = (),
                  paraphrases: Sequence[Fact] = (), unrelated: Sequence[Fact] | None = None, tokenizer=None,
-                 max_tokens: int = DEFAULT_SCORE_TOKENS):
+                 max_tokens: int | None = None):
         self.modified, self.unmodified, self.paraphrases = list(modified), list(unmodified), list(paraphrases)
         self.unrelated = list(self.unmodified if unrelated is None else unrelated)
         self.tokenizer, self.max_tokens = tokenizer, max_tokens

@@ -18,9 +18,9 @@ from typing import Sequence
 
 import torch
 
-from ..text import encode
+from ..text import encode, supports_logits_to_keep
 
-__all__ = ["GenerationSettings", "sample_texts", "prompt_seed"]
+__all__ = ["GenerationSettings", "sample_ids", "sample_texts", "prompt_seed", "uniform_draws", "top_k_choice"]
 
 
 @dataclass(frozen=True)
@@ -51,20 +51,27 @@ def _clean(text: str, special_tokens: Sequence[str]) -> str:
     return text
 
 
+def top_k_choice(logits: torch.Tensor, uniforms: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Sample a token per row from the renormalised top-k of ``softmax(logits)`` ([B, V]) by inverse CDF
+    with the row's uniform number ([B]): distributed as ``torch.multinomial`` on the top-k, but
+    reproducible per row."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_p, top_i = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    cdf = (top_p / top_p.sum(-1, keepdim=True)).cumsum(-1)
+    choice = (cdf < uniforms.to(cdf.dtype).unsqueeze(-1)).sum(-1).clamp_max(top_i.shape[-1] - 1)
+    return top_i.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+
+
 @torch.no_grad()
 def _sample_batch(model, ids: torch.Tensor, uniforms: torch.Tensor, max_length: int, top_k: int) -> torch.Tensor:
-    out = model(input_ids=ids, use_cache=True)
+    # Only the last position's logits are needed from the prompt pass.
+    first = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
+    out = model(input_ids=ids, use_cache=True, **first)
     past = out.past_key_values
     logits = out.logits[:, -1]
     step = 0
     while ids.shape[1] < max_length:
-        probs = torch.softmax(logits.float(), dim=-1)
-        top_p, top_i = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-        cdf = (top_p / top_p.sum(-1, keepdim=True)).cumsum(-1)
-        # Inverse-CDF draw with the row's own uniform number: the same as torch.multinomial on the
-        # renormalised top-k, but reproducible per prompt.
-        choice = (cdf < uniforms[:, step:step + 1]).sum(-1).clamp_max(top_i.shape[-1] - 1)
-        nxt = top_i.gather(-1, choice.unsqueeze(-1))
+        nxt = top_k_choice(logits, uniforms[:, step], top_k).unsqueeze(-1)
         ids = torch.cat([ids, nxt], dim=1)
         step += 1
         if ids.shape[1] >= max_length:
@@ -74,10 +81,11 @@ def _sample_batch(model, ids: torch.Tensor, uniforms: torch.Tensor, max_length: 
     return ids
 
 
-def sample_texts(model, tokenizer, prompts: Sequence[str], seeds: Sequence[int],
-                 settings: GenerationSettings = GenerationSettings(), *, progress: bool = False) -> list[str]:
-    """Generate one text per prompt, prompt ``i`` sampling with ``seeds[i]``; returns the decoded texts
-    (prompt included), in order."""
+def sample_ids(model, tokenizer, prompts: Sequence[str], seeds: Sequence[int],
+               settings: GenerationSettings = GenerationSettings(), *, progress: bool = False) -> list[list[int]]:
+    """Sample one continuation per prompt, prompt ``i`` drawing from ``seeds[i]``; returns each full token
+    sequence (prompt tokens first, ``settings.max_length`` tokens in all, or the prompt alone if it is
+    already that long), in order."""
     from tqdm.auto import tqdm
 
     if len(prompts) != len(seeds):
@@ -89,22 +97,33 @@ def sample_texts(model, tokenizer, prompts: Sequence[str], seeds: Sequence[int],
         if not ids:
             raise ValueError(f"generation prompt {i} ({prompts[i]!r}) tokenises to no tokens")
         by_length[len(ids)].append(i)
-    special = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
-    texts: list[str | None] = [None] * len(prompts)
-    steps = max(settings.max_length, 1)
+    out: list[list[int] | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress, leave=False) as bar:
         for length in sorted(by_length):
             group = by_length[length]
             for start in range(0, len(group), settings.max_batch):
                 index = group[start:start + settings.max_batch]
                 if length >= settings.max_length:
-                    out = [encoded[i] for i in index]
+                    rows = [encoded[i] for i in index]
                 else:
                     ids = torch.tensor([encoded[i] for i in index], dtype=torch.long, device=device)
-                    uniforms = torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(seeds[i]),
-                                                       dtype=torch.float64) for i in index]).to(device)
-                    out = _sample_batch(model, ids, uniforms.float(), settings.max_length, settings.top_k).tolist()
-                for i, row in zip(index, out):
-                    texts[i] = _clean(tokenizer.decode(row), special)
+                    uniforms = torch.stack([uniform_draws(seeds[i], settings.max_length) for i in index]).to(device)
+                    rows = _sample_batch(model, ids, uniforms, settings.max_length, settings.top_k).tolist()
+                for i, row in zip(index, rows):
+                    out[i] = row
                 bar.update(len(index))
-    return texts  # type: ignore[return-value]
+    return out  # type: ignore[return-value]
+
+
+def uniform_draws(seed: int, count: int) -> torch.Tensor:
+    """The uniform numbers one prompt's sampling consumes, one per generated token (CPU, float32)."""
+    return torch.rand(count, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
+
+
+def sample_texts(model, tokenizer, prompts: Sequence[str], seeds: Sequence[int],
+                 settings: GenerationSettings = GenerationSettings(), *, progress: bool = False) -> list[str]:
+    """:func:`sample_ids`, decoded and cleaned as the reference does (prompt included, NFKD, blank lines
+    folded into spaces, special tokens removed)."""
+    special = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    return [_clean(tokenizer.decode(row), special)
+            for row in sample_ids(model, tokenizer, prompts, seeds, settings, progress=progress)]

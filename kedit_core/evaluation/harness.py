@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,7 +24,7 @@ from ..editors import EditContext, compute_edit, get_editor, resolve_hparams
 from ..errors import KeditError
 from ..models import LoadedModel
 from ..requests import requests_sha256
-from ..text import DEFAULT_SCORE_TOKENS
+from ..text import default_score_tokens
 from .counterfact import (GENERATION_METRICS, PROBABILITY_METRICS, ReferenceTexts, aggregate_counterfact,
                           counterfact_generation, score_counterfact)
 from .datasets import file_sha256
@@ -41,7 +41,7 @@ class EvalSettings:
     """How cases are scored. ``generation`` switches CounterFact's GE/RS on (they sample text, which
     costs far more than the probability metrics)."""
 
-    max_tokens: int = DEFAULT_SCORE_TOKENS
+    max_tokens: int | None = None
     generation: bool = True
     generation_settings: GenerationSettings = field(default_factory=GenerationSettings)
     progress: bool = True
@@ -169,6 +169,8 @@ def run_evaluation(model: LoadedModel, cases: Sequence, fmt: str, *, plan: EditP
     per-record and aggregate metrics before and after, timings). The model's weights are the same
     afterwards as before (checked); a failed edit leaves them untouched."""
     say = log or (lambda message: None)
+    if settings.max_tokens is None:  # record the budget actually used
+        settings = replace(settings, max_tokens=default_score_tokens(model.device))
     cases = list(cases)
     if not cases:
         raise KeditError("no records to evaluate")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from ..text import DEFAULT_SCORE_TOKENS, score_targets
+from ..text import score_targets
 from .aggregate import aggregate_records
 from .datasets import ZsreCase
 
@@ -26,7 +26,7 @@ __all__ = ["ZSRE_METRICS", "score_zsre", "aggregate_zsre"]
 ZSRE_METRICS = ("efficacy", "paraphrase", "specificity")
 
 
-def score_zsre(model, tokenizer, cases: Sequence[ZsreCase], *, max_tokens: int = DEFAULT_SCORE_TOKENS,
+def score_zsre(model, tokenizer, cases: Sequence[ZsreCase], *, max_tokens: int | None = None,
                max_batch: int | None = None, progress: bool = False) -> list[dict]:
     """Per case ``{"case_id", "tokens": {metric: [bool per answer token]}, "metrics": {efficacy,
     paraphrase, specificity}}`` (×100), from one batched teacher-forced pass over all cases."""

@@ -36,7 +36,6 @@ def _int_list(text: str) -> list[int]:
 
 def add_arguments(parser) -> None:
     from ...stats import add_stats_arguments
-    from ...text import DEFAULT_SCORE_TOKENS
 
     parser.add_argument("--model", required=True, help="hub name, save_pretrained directory, or kedit alias")
     parser.add_argument("--data", required=True, type=Path, help="CounterFact or zsRE (MEND eval) JSON/JSONL file")
@@ -54,8 +53,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, help="output directory (default: kedit-eval/<data>-<method>)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
-    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_SCORE_TOKENS,
-                        help=f"padded tokens per scoring batch (default {DEFAULT_SCORE_TOKENS})")
+    parser.add_argument("--batch-tokens", type=int,
+                        help="padded tokens per scoring batch (default: 512 on CPU, 8192 on CUDA)")
     gen = parser.add_argument_group("generation metrics (CounterFact GE and RS)")
     gen.add_argument("--no-generation", action="store_true", help="skip GE/RS (no text is sampled)")
     gen.add_argument("--gen-length", type=int, default=100,
@@ -93,7 +92,7 @@ def run(args) -> int:
         raise KeditError("--hparams applies to --method")
     if args.n is not None and args.n < 1:
         raise KeditError(f"--n {args.n}: expected at least 1")
-    if args.batch_tokens < 1:
+    if args.batch_tokens is not None and args.batch_tokens < 1:
         raise KeditError(f"--batch-tokens {args.batch_tokens}: expected a positive number of tokens")
     try:
         gen_settings = GenerationSettings(max_length=args.gen_length, top_k=args.gen_top_k, seed=args.seed,
