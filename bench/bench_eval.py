@@ -81,20 +81,23 @@ def main() -> None:
     budgets = ([int(b) for b in args.batch_tokens.split(",")] if args.batch_tokens
                else [default_score_tokens(m.device)])
     score_counterfact(m.model, m.tokenizer, cases[:2])  # warm-up
-    batched_runs = []
+    print(f"\n{'mode':<30} {'records':>8} {'seconds':>9} {'records/s':>10} {'vs one-at-a-time':>17}", flush=True)
+    base = None
+
+    def row(name, n, seconds):
+        nonlocal base
+        rate = n / seconds
+        base = base or rate
+        print(f"{name:<30} {n:>8} {seconds:>9.2f} {rate:>10.2f} {rate / base:>16.1f}x", flush=True)
+
+    single, t = timed(lambda: score_counterfact(m.model, m.tokenizer, slow, max_batch=1))
+    row("one prompt at a time", len(slow), t)
+    per_record, t = timed(lambda: [r for c in slow for r in score_counterfact(m.model, m.tokenizer, [c],
+                                                                              max_tokens=10 ** 9)])
+    row("one record per batch", len(slow), t)
     for budget in budgets:
         batched, t = timed(lambda: score_counterfact(m.model, m.tokenizer, cases, max_tokens=budget))
-        batched_runs.append((f"batched by tokens ({budget})", len(cases), t))
-    per_record, t_record = timed(lambda: [r for c in slow for r in score_counterfact(m.model, m.tokenizer, [c],
-                                                                                     max_tokens=10 ** 9)])
-    single, t_single = timed(lambda: score_counterfact(m.model, m.tokenizer, slow, max_batch=1))
-
-    rows = [("one prompt at a time", len(slow), t_single), ("one record per batch", len(slow), t_record),
-            *batched_runs]
-    base = len(slow) / t_single
-    print(f"\n{'mode':<30} {'records':>8} {'seconds':>9} {'records/s':>10} {'vs one-at-a-time':>17}")
-    for name, n, t in rows:
-        print(f"{name:<30} {n:>8} {t:>9.2f} {n / t:>10.2f} {n / t / base:>16.1f}x")
+        row(f"batched by tokens ({budget})", len(cases), t)
 
     ref = nlls(batched[:len(slow)])
     diff = max(max(abs(a - b) for a, b in zip(ref, nlls(other))) for other in (single, per_record))
