@@ -9,6 +9,7 @@ each position's logits must predict, ``-100`` elsewhere), right-padded.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -170,6 +171,28 @@ class TargetScore:
         return sum(hits) / len(hits)
 
 
+def model_context_length(model) -> int | None:
+    """The longest sequence the model's config allows (``max_position_embeddings``, ``n_positions`` or
+    ``n_ctx``), or None when the config names none."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_prompt(prompt_ids: Sequence[int], room: int, *, keep_first: bool = False) -> list[int]:
+    """Cut a prompt from the left to at most ``room`` tokens (the end is what the next token reads);
+    ``keep_first`` keeps a leading BOS token in place."""
+    prompt_ids = list(prompt_ids)
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    if keep_first and room >= 2:
+        return prompt_ids[:1] + prompt_ids[len(prompt_ids) - room + 1:]
+    return prompt_ids[len(prompt_ids) - room:]
+
+
 def supports_logits_to_keep(model) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (compute the vocabulary projection only where
     asked)."""
@@ -222,6 +245,20 @@ def score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
     for i, ids in enumerate(p_ids):
         if not ids:
             raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to no tokens")
+    context = model_context_length(model)
+    if context is not None:  # prompts too long for the model keep their last tokens
+        bos = getattr(tokenizer, "bos_token_id", None)
+        cut = 0
+        for i, (p, t) in enumerate(zip(p_ids, t_ids)):
+            if len(p) + len(t) > context:
+                if len(t) >= context:
+                    raise ValueError(f"target {i} ({targets[i]!r}) has {len(t)} tokens; the model reads at most "
+                                     f"{context}")
+                p_ids[i] = fit_prompt(p, context - len(t), keep_first=bos is not None and p[0] == bos)
+                cut += 1
+        if cut:
+            warnings.warn(f"{cut} prompt(s) with their targets are longer than the model's context of {context} "
+                          "tokens; they were cut from the left", stacklevel=2)
     lengths = [len(p) + len(t) for p, t in zip(p_ids, t_ids)]
     device = next(model.parameters()).device
     max_tokens = max_tokens or default_score_tokens(device)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
-from ..text import encode, supports_logits_to_keep
+from ..text import encode, fit_prompt, model_context_length, supports_logits_to_keep
 
 __all__ = ["GenerationSettings", "sample_ids", "sample_texts", "prompt_seed", "uniform_draws", "top_k_choice"]
 
@@ -85,13 +85,20 @@ def sample_ids(model, tokenizer, prompts: Sequence[str], seeds: Sequence[int],
                settings: GenerationSettings = GenerationSettings(), *, progress: bool = False) -> list[list[int]]:
     """Sample one continuation per prompt, prompt ``i`` drawing from ``seeds[i]``; returns each full token
     sequence (prompt tokens first, ``settings.max_length`` tokens in all, or the prompt alone if it is
-    already that long), in order."""
+    already that long), in order. The length is capped at the model's context, and prompts longer than
+    that keep their last tokens."""
     from tqdm.auto import tqdm
 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     device = next(model.parameters()).device
+    context = model_context_length(model)
+    max_length = min(settings.max_length, context) if context else settings.max_length
+    if max_length != settings.max_length:
+        settings = replace(settings, max_length=max_length)
+    bos = getattr(tokenizer, "bos_token_id", None)
     encoded = [encode(tokenizer, p) for p in prompts]
+    encoded = [fit_prompt(ids, max_length, keep_first=bool(ids) and ids[0] == bos) for ids in encoded]
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(encoded):
         if not ids:

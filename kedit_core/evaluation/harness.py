@@ -55,10 +55,12 @@ class EvalSettings:
 @dataclass
 class EditPlan:
     """What happens between the evaluations: run ``method`` (with ``hparams``: None for the editor's
-    defaults for this model, a dict, a JSON file or a HyperParams object), or apply the ``deltas`` file."""
+    defaults for this model, a dict, a JSON file or a HyperParams object; then ``overrides``), or apply
+    the ``deltas`` file."""
 
     method: str | None = None
     hparams: Any = None
+    overrides: dict = field(default_factory=dict)   # hyper-parameter keyword overrides on top of ``hparams``
     deltas: str | Path | None = None
     seed: int = 0
     stats: Any = None                       # a kedit_core.stats CovarianceSource for editors that read C0
@@ -188,7 +190,7 @@ def run_evaluation(model: LoadedModel, cases: Sequence, fmt: str, *, plan: EditP
     if plan is not None:
         if plan.method is not None:
             editor_cls = get_editor(plan.method)
-            hparams_obj = resolve_hparams(editor_cls, model, plan.hparams)
+            hparams_obj = resolve_hparams(editor_cls, model, plan.hparams, **plan.overrides)
             edit_info = {"mode": "method", "editor": editor_cls.name, "hparams": hparams_obj.to_dict(),
                          "seed": plan.seed, "stats": plan.describe_stats,
                          "uses_covariance": bool(getattr(editor_cls, "uses_covariance", False)),

@@ -26,7 +26,7 @@ def read_png(path):
 def test_counterfact_sweep_writes_json_csv_png_and_resumes(tmp_path, gpt2_dir, nudge_editor, counterfact_path, capsys):
     out = tmp_path / "cf"
     args = ["--model", gpt2_dir, "--data", counterfact_path, "--method", nudge_editor, "--sizes", "2,4",
-            "--seed", "7", "--gen-length", "20", "--out", out]
+            "--set", "strength=40", "--seed", "7", "--gen-length", "20", "--out", out]
     assert run_eval(*args) == 0
     captured = capsys.readouterr()
     assert "ES" in captured.out and "metrics.png" in captured.out
@@ -34,7 +34,7 @@ def test_counterfact_sweep_writes_json_csv_png_and_resumes(tmp_path, gpt2_dir, n
     result = json.loads((out / "metrics.json").read_text())
     assert result["format"] == "counterfact" and result["seed"] == 7
     assert result["edit"] == {**result["edit"], "mode": "method", "editor": nudge_editor, "seed": 7,
-                              "hparams": {"strength": 30.0}}
+                              "hparams": {"strength": 40.0}}
     assert result["settings"]["sizes"] == [2, 4] and result["settings"]["generation_settings"]["seed"] == 7
     assert result["data"]["sha256"] and result["model"]["fingerprint"]
     assert [r["num_edits"] for r in result["runs"]] == [2, 4]
@@ -48,7 +48,7 @@ def test_counterfact_sweep_writes_json_csv_png_and_resumes(tmp_path, gpt2_dir, n
     # the pre-edit numbers of the 2-edit run are those of the first two records of the 4-record run
     first_two = [r["pre"]["metrics"] for r in result["runs"][1]["records"][:2]]
     assert [r["pre"]["metrics"] for r in result["runs"][0]["records"]] == first_two
-    assert json.loads((out / "hparams.json").read_text())["hparams"] == {"strength": 30.0}
+    assert json.loads((out / "hparams.json").read_text())["hparams"] == {"strength": 40.0}
     gens = json.loads((out / "generations.json").read_text())
     assert {(g["num_edits"], g["phase"]) for g in gens} == {(2, "pre"), (2, "post"), (4, "pre"), (4, "post")}
 
@@ -119,6 +119,8 @@ def test_rs_with_reference_texts_and_a_named_corpus(tmp_path, gpt2_dir, counterf
     (["--sizes", "2,3"], "give --method"),
     (["--method", "eval-test-nudge", "--sizes", "2,9", "--n", "4"], "only 4 records"),
     (["--method", "no-such-editor"], "no editor named 'no-such-editor'"),
+    (["--method", "eval-test-nudge", "--set", "strenght=2"], "unknown key 'strenght'"),
+    (["--set", "strength=2"], "apply to --method"),
     (["--format", "zsre"], "record 0"),
 ])
 def test_errors_are_one_line(args, message, tmp_path, gpt2_dir, counterfact_path, nudge_editor, capsys):

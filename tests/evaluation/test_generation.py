@@ -26,7 +26,7 @@ def plain_loop(m, prompt, seed, settings):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_batched_cached_generation_equals_plain_loop(family, request):
     m = request.getfixturevalue(family)
-    settings = GenerationSettings(max_length=20, top_k=5, max_batch=3)
+    settings = GenerationSettings(max_length=14, top_k=5, max_batch=3)
     seeds = [11, 12, 13, 14]
     got = sample_ids(m.model, m.tokenizer, PROMPTS, seeds, settings)
     for prompt, seed, ids in zip(PROMPTS, seeds, got):
@@ -64,3 +64,14 @@ def test_counterfact_generation_seeds_by_case_and_prompt(gpt2, counterfact_path)
     assert again[0]["texts"] == out[1]["texts"]
     assert out[0]["metrics"]["GE"] > 0 and out[0]["metrics"]["RS"] is None
     assert prompt_seed(3, 0, 1) != prompt_seed(3, 1, 0) and prompt_seed(3, 0, 1) == prompt_seed(3, 0, 1)
+
+
+def test_generation_is_capped_at_the_model_context():
+    from kedit_core.testing import tiny_model
+
+    m = tiny_model("gpt2", num_layers=1, hidden_size=32, context_length=12)
+    (ids,) = sample_ids(m.model, m.tokenizer, [" ".join(["word"] * 20)], [0], GenerationSettings(max_length=100))
+    assert len(ids) == 12
+    (ids,) = sample_ids(m.model, m.tokenizer, ["Paris is"], [0], GenerationSettings(max_length=100))
+    prompt = encode(m.tokenizer, "Paris is")
+    assert len(ids) == 12 and ids[:len(prompt)] == prompt

@@ -84,3 +84,20 @@ def test_collate_matches_prompt_target_batch(gpt2):
 def test_empty_prompt_is_an_error(gpt2):
     with pytest.raises(ValueError, match="prompt 0"):
         score_targets(gpt2.model, gpt2.tokenizer, [""], [" x"])
+
+
+def test_prompts_longer_than_the_context_keep_their_last_tokens():
+    from kedit_core.testing import tiny_model
+
+    m = tiny_model("llama", num_layers=1, hidden_size=32, context_length=16)  # BOS-adding tokenizer
+    long_prompt = " ".join(["word"] * 30) + " The capital of France is"
+    with pytest.warns(UserWarning, match="cut from the left"):
+        (score,) = score_targets(m.model, m.tokenizer, [long_prompt], [" Paris"])
+    p_ids, t_ids = encode(m.tokenizer, long_prompt), encode_target(m.tokenizer, " Paris")
+    kept = p_ids[:1] + p_ids[len(p_ids) - (16 - len(t_ids)) + 1:]  # BOS, then the prompt's end
+    with torch.no_grad():
+        logp = torch.log_softmax(m.model(torch.tensor([kept + t_ids])).logits[0], -1)
+    expected = [logp[len(kept) - 1 + j, t].item() for j, t in enumerate(t_ids)]
+    assert score.logprobs == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="reads at most 16"):
+        score_targets(m.model, m.tokenizer, ["x"], [" word" * 20])

@@ -48,6 +48,8 @@ def add_arguments(parser) -> None:
     edit.add_argument("--deltas", type=Path, help="apply this saved delta file instead of computing an edit")
     parser.add_argument("--hparams", help="hyper-parameter JSON file for --method (default: the editor's "
                                           "defaults for this model)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one hyper-parameter of --method (JSON value), e.g. --set layers=[3,4]")
     parser.add_argument("--seed", type=int, default=0, help="seed for the editor and for generation (default 0)")
     parser.add_argument("--sizes", type=_int_list, help="edit counts to sweep, e.g. 10,100,1000 (needs --method)")
     parser.add_argument("--out", type=Path, help="output directory (default: kedit-eval/<data>-<method>)")
@@ -88,8 +90,8 @@ def run(args) -> int:
 
     if args.sizes and not args.method:
         raise KeditError("--sizes sweeps an editor over edit counts: give --method too")
-    if args.hparams and not args.method:
-        raise KeditError("--hparams applies to --method")
+    if (args.hparams or args.set) and not args.method:
+        raise KeditError("--hparams and --set apply to --method")
     if args.n is not None and args.n < 1:
         raise KeditError(f"--n {args.n}: expected at least 1")
     if args.batch_tokens is not None and args.batch_tokens < 1:
@@ -118,9 +120,16 @@ def run(args) -> int:
     elif args.tfidf_corpus is not None:
         say("--tfidf-corpus without --reference-texts: RS needs reference texts, so it is not computed")
 
+    overrides = {}
+    if args.set:
+        from ...editors import get_editor
+        from ...hparams import parse_assignments
+
+        overrides = parse_assignments(get_editor(args.method).HParams, args.set)
     plan = None
     if args.method or args.deltas:
-        plan = EditPlan(method=args.method, hparams=args.hparams, deltas=args.deltas, seed=args.seed,
+        plan = EditPlan(method=args.method, hparams=args.hparams, overrides=overrides, deltas=args.deltas,
+                        seed=args.seed,
                         stats=source_from_args(args) if args.method else None,
                         check_fingerprint=not args.force,
                         describe_stats={"cov": list(getattr(args, "cov", None) or [])})
