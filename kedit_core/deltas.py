@@ -41,6 +41,29 @@ def read_safetensors_metadata(raw: dict | None) -> dict:
         return {}
 
 
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, meta: dict) -> Path:
+    """Write ``tensors`` (moved to the CPU, in sorted name order) and kedit's metadata to ``path``
+    atomically: a temporary file in the same directory, then a rename, so a reader (or a process
+    killed mid-write) never sees a partial file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in sorted(tensors.items())}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=safetensors_metadata(meta))
+        with open(tmp, "rb") as written:  # on disk before the rename, so a crash cannot leave a torn file
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 @dataclass
 class Deltas:
     tensors: dict[str, torch.Tensor]
@@ -75,21 +98,7 @@ class Deltas:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a safetensors file atomically (temporary file + rename)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in sorted(self.tensors.items())}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=safetensors_metadata(self.metadata()))
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_save_safetensors(self.tensors, path, self.metadata())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Deltas":

@@ -33,7 +33,9 @@ def _config_digest(config) -> str:
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     flat = t.detach().reshape(-1)
     if flat.numel() > FULL_HASH_NUMEL:
+        # float32 linspace can round the last index up to numel for large tensors: clamp it back.
         idx = torch.linspace(0, flat.numel() - 1, SAMPLE_NUMEL, device=flat.device).round().long()
+        idx = idx.clamp_(max=flat.numel() - 1)
         flat = flat[idx]
     flat = flat.contiguous().cpu()
     # view as bytes: safe for any dtype (bf16 has no numpy equivalent)

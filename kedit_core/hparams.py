@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type
 
 from .errors import HyperParamsError
 
-__all__ = ["HyperParams"]
+__all__ = ["HyperParams", "find_model_defaults", "model_name_keys", "parse_assignments"]
 
 
 def _type_name(tp) -> str:
@@ -159,3 +159,58 @@ class HyperParams:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Published per-model defaults shipped as JSON files, and hyper-parameters given as command-line flags
+
+def model_name_keys(model) -> list[str]:
+    """The names a model's default hyper-parameter files may have, most specific first: the lowercased
+    hub name with ``/`` as ``_`` (``eleutherai_gpt-j-6b``), then its last component (``gpt-j-6b``).
+    ``model`` is a :class:`~kedit_core.models.LoadedModel` (its ``source``) or a name/path string."""
+    source = str(getattr(model, "source", model)).rstrip("/\\")
+    if not source or source.startswith("<"):
+        return []
+    keys = [source.replace("\\", "/").lower().replace("/", "_"), Path(source).name.lower()]
+    return list(dict.fromkeys(k for k in keys if k))
+
+
+def find_model_defaults(directory: str | Path, model) -> Path | None:
+    """The JSON file in ``directory`` that holds the published defaults for ``model`` (see
+    :func:`model_name_keys`: ``gpt2-xl.json`` matches ``gpt2-xl``, ``openai-community/gpt2-xl`` and
+    ``/models/gpt2-xl``), or None when kedit ships none for it."""
+    directory = Path(directory)
+    for key in model_name_keys(model):
+        candidate = directory / f"{key}.json"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def parse_assignments(cls: type[HyperParams], assignments) -> dict:
+    """``["lr=1e-3", "layers=[0,1]", "module=mlp"]`` (command-line ``--set`` flags) as overrides for
+    ``cls``: values are JSON, a bare word is a string; unknown keys and wrong types are errors. Pass the
+    result to :func:`kedit_core.resolve_hparams` as keyword overrides."""
+    known = set(cls.field_names())
+    hints = get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise HyperParamsError(f"hyper-parameter flag {item!r}: expected KEY=VALUE")
+        if key not in known:
+            raise HyperParamsError(f"hyper-parameter flag {item!r}: unknown key {key!r} for {cls.__name__}; "
+                                   f"valid keys are {sorted(known)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        where = f"{cls.__name__}.{key} (flag {item!r})"
+        try:
+            out[key] = _coerce(value, hints[key], where)
+        except HyperParamsError:
+            if value == raw:
+                raise
+            out[key] = _coerce(raw, hints[key], where)  # e.g. a string field given a number-like word
+    return out

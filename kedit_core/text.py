@@ -8,12 +8,23 @@ each position's logits must predict, ``-100`` elsewhere), right-padded.
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
 IGNORE = -100
+# Default padded-token budget of one scoring batch (``len(batch) * longest row``), by device type:
+# on CPUs, batches past a few hundred tokens fall out of cache and get slower per token (measured with
+# bench/bench_eval.py); GPUs want large batches.
+DEFAULT_SCORE_TOKENS = {"cpu": 512, "cuda": 8192}
+
+
+def default_score_tokens(device) -> int:
+    """The padded-token budget :func:`score_targets` uses on ``device`` when none is given."""
+    return DEFAULT_SCORE_TOKENS.get(torch.device(device).type, 4096)
 
 
 def encode(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
@@ -55,10 +66,24 @@ def prompt_target_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
+    return collate_prompt_targets([encode(tokenizer, p) for p in prompts],
+                                  [encode_target(tokenizer, t) for t in targets], pad_id=pad_id,
+                                  include_last_target_token=include_last_target_token)
+
+
+def collate_prompt_targets(prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]], *, pad_id: int,
+                           include_last_target_token: bool = True) -> PromptTargetBatch:
+    """:func:`prompt_target_batch` for pairs that are already tokenised (``prompt_ids[i]``, ``target_ids[i]``)."""
+    if len(prompt_ids) != len(target_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
     rows, labels, p_lens, t_lens = [], [], [], []
-    for prompt, target in zip(prompts, targets):
-        p_ids = encode(tokenizer, prompt)
-        t_ids = encode_target(tokenizer, target)
+    for p_ids, t_ids in zip(prompt_ids, target_ids):
+        p_ids, t_ids = list(p_ids), list(t_ids)
+        if not p_ids:
+            raise ValueError("a prompt tokenises to no tokens: the first target token would have nothing to "
+                             "follow (score an empty prompt with a tokenizer that adds BOS)")
+        if not t_ids:
+            raise ValueError("a target has no tokens")
         ids = p_ids + (t_ids if include_last_target_token else t_ids[:-1])
         lab = [IGNORE] * len(ids)
         for j, tok in enumerate(t_ids):
@@ -108,3 +133,150 @@ def batches_by_tokens(lengths: Sequence[int], max_tokens: int, *, max_batch: int
         longest = new_longest
     if batch:
         yield batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring many prompt+target pairs in padded batches (evaluation, fact-recall checks)
+
+@dataclass(frozen=True)
+class TargetScore:
+    """How a model scores one target after its prompt under teacher forcing.
+
+    ``logprobs[j]`` is the log-probability of target token ``j`` given the prompt and target tokens
+    ``< j``; ``argmax_ids[j]`` is the model's top-1 token at that position.
+    """
+
+    target_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    argmax_ids: tuple[int, ...]
+
+    @property
+    def nll(self) -> float:
+        """Mean per-token negative log-likelihood of the target (length-normalised)."""
+        return -sum(self.logprobs) / len(self.logprobs)
+
+    @property
+    def token_hits(self) -> list[bool]:
+        """Per target token: is it the model's argmax at its position?"""
+        return [a == t for a, t in zip(self.argmax_ids, self.target_ids)]
+
+    @property
+    def correct(self) -> bool:
+        """Every target token is the argmax (the whole target is predicted)."""
+        return all(self.token_hits)
+
+    @property
+    def token_accuracy(self) -> float:
+        hits = self.token_hits
+        return sum(hits) / len(hits)
+
+
+def model_context_length(model) -> int | None:
+    """The longest sequence the model's config allows (``max_position_embeddings``, ``n_positions`` or
+    ``n_ctx``), or None when the config names none."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_prompt(prompt_ids: Sequence[int], room: int, *, keep_first: bool = False) -> list[int]:
+    """Cut a prompt from the left to at most ``room`` tokens (the end is what the next token reads);
+    ``keep_first`` keeps a leading BOS token in place."""
+    prompt_ids = list(prompt_ids)
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    if keep_first and room >= 2:
+        return prompt_ids[:1] + prompt_ids[len(prompt_ids) - room + 1:]
+    return prompt_ids[len(prompt_ids) - room:]
+
+
+def supports_logits_to_keep(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (compute the vocabulary projection only where
+    asked)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def labelled_logits(model, batch: PromptTargetBatch, *, select: bool | None = None) -> torch.Tensor:
+    """Logits at the labelled positions only, ``[num_labels, vocab]`` in row-major order of
+    ``batch.labels != -100``.
+
+    Asks the model for just those positions (``logits_to_keep`` with a boolean mask, transformers ≥ 5),
+    so the vocabulary projection is skipped for prompt tokens; models without that get the full logits,
+    indexed afterwards. ``select=None`` tries the first and falls back; ``True``/``False`` forces one.
+    """
+    mask = batch.labels != IGNORE
+    if select is None:
+        select = supports_logits_to_keep(model)
+    if select:
+        try:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=mask).logits
+        except (TypeError, IndexError, RuntimeError, ValueError):
+            logits = None
+        if logits is not None and logits.dim() == 2 and logits.shape[0] == int(mask.sum()):
+            return logits
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[mask]
+
+
+@torch.no_grad()
+def score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
+                  max_tokens: int | None = None, max_batch: int | None = None, progress: bool = False,
+                  desc: str = "scoring") -> list[TargetScore]:
+    """Teacher-forced scores of ``targets[i]`` after ``prompts[i]`` for many pairs at once.
+
+    Pairs are tokenised once (repeated prompts and targets are encoded once), sorted by length and run
+    in right-padded batches of at most ``max_tokens`` padded tokens (``max_batch`` rows; default
+    :func:`default_score_tokens` for the model's device), so short prompts are not padded to long ones. ``max_batch=1`` scores one pair per forward pass. ``model`` is
+    the Hugging Face module (``LoadedModel.model``). Returns one :class:`TargetScore` per pair, in order.
+    """
+    from tqdm.auto import tqdm
+
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    prompt_cache: dict[str, list[int]] = {}
+    target_cache: dict[str, list[int]] = {}
+    p_ids = [prompt_cache.get(p) or prompt_cache.setdefault(p, encode(tokenizer, p)) for p in prompts]
+    t_ids = [target_cache.get(t) or target_cache.setdefault(t, encode_target(tokenizer, t)) for t in targets]
+    for i, ids in enumerate(p_ids):
+        if not ids:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) tokenises to no tokens")
+    context = model_context_length(model)
+    if context is not None:  # prompts too long for the model keep their last tokens
+        bos = getattr(tokenizer, "bos_token_id", None)
+        cut = 0
+        for i, (p, t) in enumerate(zip(p_ids, t_ids)):
+            if len(p) + len(t) > context:
+                if len(t) >= context:
+                    raise ValueError(f"target {i} ({targets[i]!r}) has {len(t)} tokens; the model reads at most "
+                                     f"{context}")
+                p_ids[i] = fit_prompt(p, context - len(t), keep_first=bos is not None and p[0] == bos)
+                cut += 1
+        if cut:
+            warnings.warn(f"{cut} prompt(s) with their targets are longer than the model's context of {context} "
+                          "tokens; they were cut from the left", stacklevel=2)
+    lengths = [len(p) + len(t) for p, t in zip(p_ids, t_ids)]
+    device = next(model.parameters()).device
+    max_tokens = max_tokens or default_score_tokens(device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results: list[TargetScore | None] = [None] * len(prompts)
+    select = supports_logits_to_keep(model)
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
+        for index in batches_by_tokens(lengths, max_tokens, max_batch=max_batch):
+            batch = collate_prompt_targets([p_ids[i] for i in index], [t_ids[i] for i in index],
+                                           pad_id=pad_id).to(device)
+            logits = labelled_logits(model, batch, select=select)
+            labels = batch.labels[batch.labels != IGNORE]
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            argmax = logits.argmax(-1)
+            logp, argmax = logp.cpu().tolist(), argmax.cpu().tolist()
+            start = 0
+            for i, n in zip(index, batch.target_lengths):
+                results[i] = TargetScore(tuple(t_ids[i]), tuple(logp[start:start + n]), tuple(argmax[start:start + n]))
+                start += n
+            bar.update(len(index))
+    return results  # type: ignore[return-value]

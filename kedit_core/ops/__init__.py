@@ -23,7 +23,8 @@ from .. import _ext
 from ..errors import KeditError
 from . import reference
 
-__all__ = ["cov_accumulate_", "describe", "implementation", "select", "OP_NAMES"]
+__all__ = ["cov_accumulate_", "describe", "gather_segment_sum", "implementation", "select", "spd_factor", "spd_solve",
+           "spd_woodbury_solve", "OP_NAMES"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class OpChoice:
     fn: Callable
 
 
-OP_NAMES: tuple[str, ...] = ("cov_accumulate_",)
+OP_NAMES: tuple[str, ...] = ("cov_accumulate_", "gather_segment_sum", "spd_factor", "spd_solve", "spd_woodbury_solve")
 _REFERENCES: dict[str, Callable] = {name: getattr(reference, name) for name in OP_NAMES}
 _selected: dict[tuple[str, str], str] = {}
 _cache: dict[tuple[str, str], OpChoice] = {}
@@ -152,3 +153,30 @@ def symmetrize_upper_(acc: torch.Tensor) -> torch.Tensor:
     upper = torch.triu(acc)
     acc.copy_(upper + torch.triu(acc, diagonal=1).T)
     return acc
+
+
+def gather_segment_sum(hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor,
+                       weights: torch.Tensor | None, num_segments: int) -> torch.Tensor:
+    """Weighted sums of gathered hidden vectors per segment (see
+    :func:`kedit_core.ops.reference.gather_segment_sum`): keys at subject positions averaged per request."""
+    return implementation("gather_segment_sum", hidden.device).fn(hidden, rows, positions, segments, weights,
+                                                                  num_segments)
+
+
+def spd_factor(a: torch.Tensor) -> torch.Tensor:
+    """Batched lower Cholesky factors of SPD matrices ``[..., n, n]`` (see :mod:`kedit_core.ops.reference`)."""
+    return implementation("spd_factor", a.device).fn(a)
+
+
+def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a⁻¹ b`` for SPD ``a`` through a fresh Cholesky factorisation."""
+    return implementation("spd_solve", a.device).fn(a, b)
+
+
+def spd_woodbury_solve(factor: torch.Tensor, k: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``C⁻¹K (αI + KᵀC⁻¹K)⁻¹`` from C's Cholesky factor: ``(C + KKᵀ)⁻¹K`` for ``α = 1``."""
+    return implementation("spd_woodbury_solve", factor.device).fn(factor, k, float(alpha))
+
+
+if _ext.loaded():  # shape functions so the compiled ops work under FakeTensor / torch.compile / opcheck
+    from . import fake as _fake  # noqa: F401

@@ -1,0 +1,258 @@
+"""Benchmark: kedit's fast editor paths against the published loops, ratios side by side.
+
+CPU part (what ``python bench/bench_editors.py`` runs):
+
+1. Value optimisation, the published one-request-at-a-time loop (``compute_z``) against kedit's
+   batched optimisation, on a GPT-2-small-shaped random model (12 layers, d = 768, d_ff = 3072,
+   vocabulary 50,257), 100 CounterFact requests, MEMIT layers 3-7 (δ at block 7's output), the
+   published GPT-2 XL MEMIT settings (20 steps, lr 0.5, ...), MEMIT's 6 context templates. The
+   one-at-a-time loop is timed on ``--reference-sample`` requests and scaled to all of them (its cost
+   is linear in the number of requests: it runs them one by one); ``--full`` times all of them.
+   The sample's results are also compared with the batched ones (relative difference per request).
+2. The MEMIT solve for one batch of N = 100 keys: a fresh float64 solve of ``(λC0 + KKᵀ) X = K`` per
+   batch (``torch.linalg.solve``, LU, as published; and a fresh Cholesky) against kedit's Woodbury solve
+   from C0's cached factor, at d_k = 3072 (GPT-2 small) and 6400 (GPT-2 XL). The one-off factorisation is
+   reported separately.
+
+GPU part (``--gpu``; needs CUDA, NOT RUN in the session that wrote this file, which had no GPU): a
+GPT-J-shaped random model (28 layers, d = 4096, d_ff = 16384) in bfloat16, MEMIT layers 3-8 with 1,000
+and 10,000 requests, seconds per phase, plus the one-at-a-time loop on a sample for the ratio.
+
+Results: JSON (and a PNG of the CPU timings) under ``bench/results/``. Wall-clock timings taken on a
+machine shared with other jobs are noisy; the ratios are what to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from kedit_core import ops  # noqa: E402
+from kedit_core.editing import (MEMIT_RECIPE, CovarianceFactors, FactorCache, Injection, ValueSettings,  # noqa: E402
+                                flatten_templates, generate_context_templates, memit_solve,
+                                optimise_values_batched, optimise_values_reference, value_rows)
+from kedit_core.requests import load_requests  # noqa: E402
+
+COUNTERFACT = REPO / "tests" / "fixtures" / "data" / "counterfact_dev.json"
+# hparams/MEMIT/gpt2-xl.json (kmeng01/memit): the value-optimisation settings.
+PUBLISHED = ValueSettings(num_steps=20, lr=0.5, weight_decay=0.5, clamp_norm_factor=0.75, kl_factor=0.0625)
+
+
+def random_model(family: str, layers: int, hidden: int, vocab: int, dtype, device):
+    from transformers import AutoModelForCausalLM
+
+    from kedit_core.models import wrap_model
+    from kedit_core.testing import test_tokenizer, tiny_config
+
+    config = tiny_config(family, num_layers=layers, hidden_size=hidden, context_length=2048, vocab_size=vocab)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).to(device)
+    return wrap_model(model, test_tokenizer(), source=f"random-{family}-{layers}x{hidden}")
+
+
+def timed(fn, *args, **kwargs):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def bench_values(args) -> dict:
+    model = random_model("gpt2", 12, 768, 50257, torch.float32, "cpu")
+    requests = load_requests(COUNTERFACT, limit=args.requests)
+    groups = generate_context_templates(model, MEMIT_RECIPE, seed=0)
+    templates = flatten_templates(groups)
+    rows, lengths = value_rows(model.tokenizer, requests, templates, fact_token="subject_last", rule="offsets")
+    injection = Injection(layer=7, site="block", nll_layer=11)  # MEMIT layers 3-7: z at layer 7
+    settings = ValueSettings(**{**PUBLISHED.__dict__, "batch_requests": args.requests})
+    batched, t_batched = timed(optimise_values_batched, model, rows, lengths, settings, injection, progress=True)
+    sample = args.requests if args.full else min(args.reference_sample, args.requests)
+    sample_rows, sample_lengths = value_rows(model.tokenizer, requests[:sample], templates,
+                                             fact_token="subject_last", rule="offsets")
+    reference, t_sample = timed(optimise_values_reference, model, sample_rows, sample_lengths, PUBLISHED, injection,
+                                progress=True)
+    t_reference = t_sample * args.requests / sample
+    diff = ((batched.target[:sample] - reference.target).norm(dim=1) / reference.target.norm(dim=1)).tolist()
+    return {
+        "model": "GPT-2-small-shaped random (12 x 768, d_ff 3072, vocab 50257), float32, CPU",
+        "requests": args.requests, "templates": groups, "rows": len(rows), "settings": PUBLISHED.__dict__,
+        "one_at_a_time_seconds": t_reference, "one_at_a_time_measured_requests": sample,
+        "one_at_a_time_seconds_measured": t_sample, "batched_seconds": t_batched,
+        "speedup": t_reference / t_batched,
+        "batched_vs_one_at_a_time_relative_difference": {"max": max(diff), "median": statistics.median(diff)},
+        "steps_taken": {"batched_mean": statistics.mean(batched.steps),
+                        "one_at_a_time_mean": statistics.mean(reference.steps)},
+    }
+
+
+def bench_solve(d_k: int, n: int, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(d_k)
+    keys_for_c0 = torch.randn(2 * d_k, d_k, generator=g, dtype=torch.float64) * torch.linspace(0.05, 1.0, d_k,
+                                                                                                dtype=torch.float64)
+    c0 = keys_for_c0.T @ keys_for_c0 / keys_for_c0.shape[0]
+    del keys_for_c0
+    lam = 15000.0
+
+    class Source:  # a CovarianceSource with one layer
+        def prepare(self, model, layers):
+            pass
+
+        def moment(self, model, layer):
+            from kedit_core.stats import Moment
+            return Moment(c0, None, "random")
+
+    class Model:  # what CovarianceFactors reads from a LoadedModel
+        device = torch.device("cpu")
+        adapter = type("A", (), {"key_size": d_k})()
+
+    factors = CovarianceFactors(Model(), Source(), [0], scale=lam, cache=FactorCache())
+    factors.prepare()
+    _, t_factor = timed(factors.factor_all)
+    fresh_lu, fresh_chol, woodbury, errors = [], [], [], []
+    for r in range(repeats):
+        k = torch.randn(d_k, n, generator=g, dtype=torch.float64)
+        x_lu, t = timed(memit_solve, factors, 0, k, "reference")
+        fresh_lu.append(t)
+        x_chol, t = timed(memit_solve, factors, 0, k, "direct")
+        fresh_chol.append(t)
+        x_w, t = timed(memit_solve, factors, 0, k, "woodbury")
+        woodbury.append(t)
+        errors.append(float((x_w - x_lu).norm() / x_lu.norm()))
+    t_lu, t_chol, t_w = statistics.median(fresh_lu), statistics.median(fresh_chol), statistics.median(woodbury)
+    return {"d_k": d_k, "N": n, "repeats": repeats, "factor_once_seconds": t_factor,
+            "fresh_lu_seconds": t_lu, "fresh_cholesky_seconds": t_chol, "woodbury_seconds": t_w,
+            "speedup_vs_lu": t_lu / t_w, "speedup_vs_cholesky": t_chol / t_w,
+            "woodbury_vs_lu_relative_error_max": max(errors)}
+
+
+def bench_gpu(args) -> dict:
+    """GPT-J-shaped bf16 MEMIT on CUDA: seconds per phase for 1,000 and 10,000 requests."""
+    import kedit_core as kedit
+    from kedit_core.stats import InMemoryCovariance
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device")
+    model = random_model("gptj", 28, 4096, 50400, torch.bfloat16, "cuda")
+    layers = [3, 4, 5, 6, 7, 8]
+    d_k = model.adapter.key_size
+    g = torch.Generator(device="cuda").manual_seed(0)
+    moments = {}
+    for layer in layers:
+        k = torch.randn(2 * d_k, d_k, generator=g, device="cuda")
+        moments[layer] = (k.T @ k / k.shape[0]).cpu()
+    records = load_requests(COUNTERFACT)
+    out = {"model": "GPT-J-shaped random (28 x 4096, d_ff 16384), bfloat16, CUDA",
+           "device": torch.cuda.get_device_name(), "runs": []}
+    for n in args.gpu_requests:
+        requests = [records[i % len(records)] for i in range(n)]
+        requests = [type(r)(r.prompt, f"{r.subject} {i // len(records)}" if i >= len(records) else r.subject,
+                            r.target_new, r.target_true, case_id=i) for i, r in enumerate(requests)]
+        context = kedit.EditContext(stats=InMemoryCovariance(moments), progress=True, seed=0)
+        result, seconds = timed(kedit.compute_edit, model, requests, "memit", layers=layers, v_num_grad_steps=25,
+                                v_loss_layer=27, mom2_update_weight=15000, context=context)
+        out["runs"].append({"requests": n, "seconds_total": seconds, "seconds_per_phase": result.timings,
+                            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
+    templates = flatten_templates(generate_context_templates(model, MEMIT_RECIPE, seed=0))
+    sample = requests[: args.reference_sample]
+    rows, lengths = value_rows(model.tokenizer, sample, templates, fact_token="subject_last", rule="offsets")
+    settings = ValueSettings(**{**PUBLISHED.__dict__, "num_steps": 25})
+    _, t_sample = timed(optimise_values_reference, model, rows, lengths, settings,
+                        Injection(layer=8, site="block", nll_layer=27))
+    out["one_at_a_time_seconds_per_request"] = t_sample / len(sample)
+    for run in out["runs"]:
+        run["value_speedup_vs_one_at_a_time"] = (out["one_at_a_time_seconds_per_request"] * run["requests"]
+                                                 / run["seconds_per_phase"]["values"])
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 1 + len(result["solves"]), figsize=(4 * (1 + len(result["solves"])), 3.6))
+    v = result["values"]
+    axes[0].bar(["one at a time\n(published)", "batched\n(kedit)"], [v["one_at_a_time_seconds"], v["batched_seconds"]],
+                color=["#999999", "#1f77b4"])
+    axes[0].set_title(f"values, {v['requests']} requests: {v['speedup']:.1f}x")
+    axes[0].set_ylabel("seconds")
+    for ax, s in zip(axes[1:], result["solves"]):
+        ax.bar(["fresh LU", "fresh Cholesky", "Woodbury"], [s["fresh_lu_seconds"], s["fresh_cholesky_seconds"],
+                                                            s["woodbury_seconds"]], color=["#999999", "#bbbbbb", "#1f77b4"])
+        ax.set_title(f"solve d_k={s['d_k']}, N={s['N']}: {s['speedup_vs_lu']:.1f}x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--reference-sample", type=int, default=10,
+                        help="requests the one-at-a-time loop is timed on (scaled to --requests)")
+    parser.add_argument("--full", action="store_true", help="time the one-at-a-time loop on every request")
+    parser.add_argument("--solve-sizes", default="3072,6400")
+    parser.add_argument("--solve-n", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--skip-values", action="store_true")
+    parser.add_argument("--gpu", action="store_true", help="the GPT-J-shaped bf16 CUDA benchmark instead")
+    parser.add_argument("--gpu-requests", default="1000,10000")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "cpu_count": os.cpu_count(), "ops": {op: ops.implementation(op, "cpu").implementation
+                                                    for op in ("spd_factor", "spd_woodbury_solve", "spd_solve")}}
+    if args.gpu:
+        args.gpu_requests = [int(x) for x in args.gpu_requests.split(",")]
+        result = {"machine": machine, **bench_gpu(args)}
+        (out / "bench_editors_gpu.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        for run in result["runs"]:
+            print(f"GPU {run['requests']:>6} requests: total {run['seconds_total']:.1f}s  "
+                  + "  ".join(f"{k} {v:.1f}s" for k, v in run["seconds_per_phase"].items())
+                  + f"  values vs one-at-a-time {run['value_speedup_vs_one_at_a_time']:.1f}x")
+        return 0
+    result = {"machine": machine, "solves": []}
+    if not args.skip_values:
+        result["values"] = bench_values(args)
+    for d_k in (int(x) for x in args.solve_sizes.split(",")):
+        result["solves"].append(bench_solve(d_k, args.solve_n, args.repeats))
+    (out / "bench_editors_cpu.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"{'comparison':<48s} {'published':>12s} {'kedit':>12s} {'ratio':>8s}")
+    if "values" in result:
+        v = result["values"]
+        label = f"values, {v['requests']} requests" + ("" if v["one_at_a_time_measured_requests"] == v["requests"]
+                                                       else f" ({v['one_at_a_time_measured_requests']} timed, scaled)")
+        print(f"{label:<48s} {v['one_at_a_time_seconds']:>11.1f}s {v['batched_seconds']:>11.1f}s "
+              f"{v['speedup']:>7.1f}x   (max rel. difference {v['batched_vs_one_at_a_time_relative_difference']['max']:.1e})")
+    for s in result["solves"]:
+        print(f"{'solve d_k=%d N=%d (fresh LU vs Woodbury)' % (s['d_k'], s['N']):<48s} {s['fresh_lu_seconds']:>11.3f}s "
+              f"{s['woodbury_seconds']:>11.3f}s {s['speedup_vs_lu']:>7.1f}x   (rel. error {s['woodbury_vs_lu_relative_error_max']:.1e})")
+        print(f"{'solve d_k=%d N=%d (fresh Cholesky vs Woodbury)' % (s['d_k'], s['N']):<48s} "
+              f"{s['fresh_cholesky_seconds']:>11.3f}s {s['woodbury_seconds']:>11.3f}s {s['speedup_vs_cholesky']:>7.1f}x   "
+              f"(factor once: {s['factor_once_seconds']:.2f}s)")
+    if "values" in result:
+        plot(result, out / "bench_editors_cpu.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The multi-layer batch update shared by MEMIT and EMMET (``execute_memit`` / ``execute_emmet``).
+
+For N requests and layers ``R = l1 < ... < L``::
+
+    z   = value optimisation at block L's output           (all requests; see values.py)
+    for i, l in enumerate(R):
+        K  = keys of all requests at layer l, measured on the model as edited so far   (d_k x N)
+        H  = block L's output at the bare prompts, measured now                          (d x N)
+        Rl = (z - H) / (|R| - i)         # the first layer takes 1/|R| of the residual, the last what remains
+        X  = solve(l, K)                 # MEMIT: (λC0 + K Kᵀ)⁻¹ K;  EMMET: C⁻¹K (KᵀC⁻¹K + λ_e I)⁻¹
+        Δl = Rl Xᵀ                       # added to the MLP output projection, in its own layout
+
+The model is measured with the earlier layers' updates applied through
+:func:`~kedit_core.deltas.temporarily_applied`, so it is restored bit-exactly; keys and ``H`` come from
+one pass per layer that stops after block L. The editor supplies ``solve``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..deltas import Deltas, temporarily_applied
+from ..editors import EditContext, EditResult, PhaseTimer
+from ..errors import KeditError
+from ..requests import EditRequest, check_conflicts
+from .hparams import LocateEditHParams
+from .keys import Capture, collect, group_mean_weights, rows_with_bare_prompts
+from .rows import value_rows
+from .solvers import CovarianceFactors
+from .templates import MEMIT_RECIPE, flatten_templates, resolve_context_templates
+from .values import Injection, ValueSettings, optimise_values_batched, optimise_values_reference
+
+__all__ = ["compute_batch_edit", "covariance_factors", "value_settings", "delta_dtype", "warn_conflicts"]
+
+SolveFn = Callable[[CovarianceFactors, int, torch.Tensor], torch.Tensor]
+
+
+def warn_conflicts(requests: Sequence[EditRequest], context: EditContext, *, batch: bool = True) -> list[str]:
+    """Raise on contradictory requests (same subject and prompt, different targets); return (and say)
+    the warnings for one subject edited through several prompts in a batch, whose keys collide."""
+    found = check_conflicts(requests)
+    if not batch:
+        return []
+    for message in found:
+        context.say(f"warning: {message}")
+        warnings.warn(message, stacklevel=3)
+    return found
+
+
+def covariance_factors(model, hp: LocateEditHParams, context: EditContext, layers: list[int], *,
+                       scale: float = 1.0, shift: float = 0.0) -> CovarianceFactors:
+    """C = scale · C0 + shift · I for ``layers`` from ``context.stats`` (identity when
+    ``mom2_adjustment`` is off)."""
+    if not hp.mom2_adjustment:
+        return CovarianceFactors(model, None, layers, scale=scale, shift=shift)
+    if context.stats is None:
+        raise KeditError("this editor needs covariance statistics (C0) for layer(s) "
+                         f"{layers}: pass --cov LAYER=PATH for each (or a statistics source in "
+                         "EditContext(stats=...)), or set mom2_adjustment to false to use the identity")
+    return CovarianceFactors(model, context.stats, layers, scale=scale, shift=shift)
+
+
+def value_settings(hp: LocateEditHParams) -> ValueSettings:
+    return ValueSettings(num_steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay,
+                         clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor,
+                         stop_when_most_probable=hp.early_stop_most_probable, batch_requests=hp.value_batch_size)
+
+
+def delta_dtype(model) -> torch.dtype:
+    """Deltas are float32 (the published code adds ``upd.float()``), float64 for a float64 model."""
+    return torch.float64 if model.dtype == torch.float64 else torch.float32
+
+
+def compute_batch_edit(model, requests: Sequence[EditRequest], hp: LocateEditHParams, context: EditContext, *,
+                       layers: list[int], solve: SolveFn, factors: CovarianceFactors) -> EditResult:
+    """Run the batch update (module docstring) and return the deltas with timings and diagnostics."""
+    adapter, tok = model.adapter, model.tokenizer
+    timer = PhaseTimer()
+    found = warn_conflicts(requests, context, batch=True)
+    rule = "reference" if hp.reference else "offsets"
+    z_layer = layers[-1]
+
+    with timer("context templates"):
+        groups, template_record = resolve_context_templates(model, MEMIT_RECIPE, context)
+        templates = flatten_templates(groups)
+    with timer("statistics"):
+        factors.prepare()
+        if not hp.reference and hp.solver in ("auto", "woodbury"):
+            factors.factor_all()
+    with timer("values"):
+        rows, target_lengths = value_rows(tok, requests, templates, fact_token=hp.fact_token, rule=rule,
+                                          tokenization="reference" if hp.reference else "kedit")
+        injection = Injection(layer=z_layer, site="block", nll_layer=hp.loss_layer(model, z_layer))
+        optimise = optimise_values_reference if hp.reference else optimise_values_batched
+        values = optimise(model, rows, target_lengths, value_settings(hp), injection, progress=context.progress)
+    z = values.target.to(model.device)
+
+    krows, bare = rows_with_bare_prompts(tok, requests, templates, fact_token=hp.fact_token, rule=rule)
+    n = len(requests)
+    weights = group_mean_weights(groups)
+    template_rows = [r for r in range(len(krows)) if krows.kind[r] == "prompt"]
+    deltas: dict[str, torch.Tensor] = {}
+    info_layers = {}
+    dtype = delta_dtype(model)
+    for i, layer in enumerate(tqdm(layers, desc="updating layers", disable=not context.progress, leave=False)):
+        with timer("keys"), temporarily_applied(model.model, deltas):
+            keys, current = collect(
+                model, krows,
+                [Capture(adapter.mlp_out_name(layer), "input", template_rows, [krows.owner[r] for r in template_rows],
+                         [weights[krows.template[r]] for r in template_rows], n),
+                 Capture(adapter.layer_name(z_layer), "output", bare, list(range(n)), [1.0] * n, n)],
+                stop_after=adapter.layer_name(z_layer), progress=context.progress, desc=f"keys at layer {layer}")
+        with timer("solve"):
+            error = (z - current.to(z.dtype)).to(torch.float64)  # subtracted in float32, as published
+            residual = error / (len(layers) - i)
+            x = solve(factors, layer, keys.to(torch.float64).T)          # [d_k, N]
+            update = residual.T.to(x.device) @ x.T                        # [d, d_k]
+            deltas[adapter.mlp_out_weight_name(layer)] = adapter.to_param_layout(update).to(dtype).contiguous()
+        info_layers[layer] = {"z_error_mean": float(error.norm(dim=1).mean()), "update_norm": float(update.norm())}
+    result = EditResult(Deltas(deltas), timings=dict(timer.seconds))
+    extra = result.deltas.extra
+    extra["context_templates"] = groups
+    extra["context_templates_origin"] = template_record
+    extra["mode"] = hp.mode
+    extra["layers"] = list(layers)
+    if factors.origins:
+        extra["covariance"] = {str(k): v for k, v in sorted(factors.origins.items())}
+    result.info.update({"layers": info_layers, "value_steps": values.steps, "value_final_loss": values.final_loss,
+                        "warnings": found, "z_init_norm_mean": float(values.init.norm(dim=1).mean()),
+                        "delta_norm_mean": float(values.delta.norm(dim=1).mean())})
+    return result

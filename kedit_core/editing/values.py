@@ -1,0 +1,416 @@
+"""Value optimisation (MEMIT's ``compute_z``, ROME's ``compute_v``): for each request, the vector ``δ``
+that, added at the subject's last token of one layer, makes the model predict the new target.
+
+Per request the loss is the published one::
+
+    NLL of the target tokens over the rewriting prompts (per token, then averaged over prompts)
+  + kl_factor · KL(current ‖ initial) of the next-token distribution on "{subject} is a"
+  + v_weight_decay · ‖δ‖ / ‖h_init‖²                       (the norm, not squared)
+
+optimised with Adam (lr ``v_lr``); after each step ``‖δ‖`` is clamped to ``clamp_norm_factor · ‖h_init‖``;
+a request stops once its loss is below 5e-2, and the loop leaves on its last iteration before updating,
+so at most ``v_num_grad_steps − 1`` steps are taken. The result is ``z = h_init + δ`` with ``h_init`` the
+un-edited vector at the injection site for the bare prompt.
+
+Two implementations with the same semantics:
+
+* :func:`optimise_values_reference` — the published loop: one request at a time, a full forward per
+  step, ``torch.optim.Adam``, logits everywhere.
+* :func:`optimise_values_batched` — kedit's default: all requests of a chunk in one batch (δ is
+  ``[N, d]``); the layers below the injection site run once and are replayed; above it, the positions
+  before each row's fact token never change either, so their keys/values are kept from the first pass
+  and later steps run only from the fact token on (rows are grouped by that position into a few
+  forwards); the forward stops after the last layer and the unembedding runs only where the loss
+  reads logits; a request that stops is
+  frozen (its rows leave the batch); Adam is applied row-wise with the same arithmetic as
+  ``torch.optim.Adam``, so each request follows the trajectory it would follow alone. Optional: stop a
+  request as soon as its target is the argmax at every target position of every rewriting prompt.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..tracing import TraceDict, primary, replace_primary
+from .forward import BlockOutput, replaying_blocks
+from .rows import TokenRows
+
+__all__ = ["ValueSettings", "Injection", "ValueResult", "optimise_values_batched", "optimise_values_reference"]
+
+LOSS_THRESHOLD = 5e-2  # compute_z / compute_v: `if loss < 5e-2: break`
+
+
+@dataclass(frozen=True)
+class ValueSettings:
+    num_steps: int
+    lr: float
+    weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    loss_threshold: float = LOSS_THRESHOLD
+    stop_when_most_probable: bool = False
+    batch_requests: int = 256      # requests optimised together (memory bound)
+    reuse_prefix: bool = True      # compute only the positions from each row's fact token on, above the replay
+    max_buckets: int = 8           # rows are grouped by fact-token position into at most this many forwards
+    min_bucket_rows: int = 64      # ... each of at least this many rows
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Where ``δ`` goes and where the loss reads.
+
+    ``site="block"``: the output of block ``layer`` (MEMIT: the residual stream of the last edited layer);
+    ``site="mlp"``: the output of block ``layer``'s MLP (ROME). The NLL reads logits computed from block
+    ``nll_layer``'s output (final norm, then unembedding; MEMIT's ``v_loss_layer``), the KL the model's
+    final logits.
+    """
+
+    layer: int
+    site: Literal["block", "mlp"]
+    nll_layer: int
+
+
+@dataclass
+class ValueResult:
+    target: torch.Tensor           # [N, d] float32: z = h_init + δ
+    init: torch.Tensor             # [N, d] h_init
+    delta: torch.Tensor            # [N, d]
+    steps: list[int] = field(default_factory=list)         # Adam steps taken per request
+    final_loss: list[float] = field(default_factory=list)  # the last loss computed per request
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _site_module(model, injection: Injection) -> str:
+    adapter = model.adapter
+    return adapter.layer_name(injection.layer) if injection.site == "block" else adapter.mlp_name(injection.layer)
+
+
+def _float_type(model) -> torch.dtype:
+    """δ and the losses are float32 (as published), float64 for a float64 model."""
+    return torch.float64 if model.dtype == torch.float64 else torch.float32
+
+
+def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm and unembedding (with its bias, if any) of hidden states ``[..., d]``."""
+    adapter = model.adapter
+    return adapter.unembedding(adapter.final_norm(hidden))
+
+
+def _adam_step_rows(delta, grad, exp_avg, exp_avg_sq, rows, step, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    """``torch.optim.Adam``'s update (defaults, single-tensor arithmetic) applied to ``rows`` only."""
+    g = grad[rows]
+    m = exp_avg[rows].lerp_(g, 1 - beta1)
+    v = exp_avg_sq[rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    exp_avg[rows] = m
+    exp_avg_sq[rows] = v
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = lr / bias_correction1
+    denom = (v.sqrt() / (bias_correction2 ** 0.5)).add_(eps)
+    delta[rows] = delta[rows].addcdiv(m, denom, value=-step_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched
+
+
+def optimise_values_batched(model, rows: TokenRows, target_lengths: Sequence[int], settings: ValueSettings,
+                            injection: Injection, *, progress: bool = False) -> ValueResult:
+    """Optimise every request's ``δ`` in batches of ``settings.batch_requests`` requests (see module
+    docstring). ``rows`` come from :func:`~kedit_core.editing.rows.value_rows`."""
+    n = len(target_lengths)
+    results: list[ValueResult] = []
+    chunks = [list(range(s, min(n, s + settings.batch_requests))) for s in range(0, n, settings.batch_requests)]
+    bar = tqdm(total=n * max(settings.num_steps - 1, 0), desc="optimising values", unit="step", disable=not progress,
+               leave=False)
+    try:
+        for chunk in chunks:
+            results.append(_optimise_chunk(model, rows, chunk, target_lengths, settings, injection, bar))
+    finally:
+        bar.close()
+    return ValueResult(target=torch.cat([r.target for r in results]), init=torch.cat([r.init for r in results]),
+                       delta=torch.cat([r.delta for r in results]), steps=[s for r in results for s in r.steps],
+                       final_loss=[x for r in results for x in r.final_loss])
+
+
+def _buckets(lookup: torch.Tensor, max_buckets: int) -> list[tuple[torch.Tensor, int]]:
+    """Rows grouped by fact-token position: contiguous groups of the rows sorted by position, each with
+    its split point ``P`` (the smallest position in the group)."""
+    order = torch.argsort(lookup.cpu(), stable=True)
+    groups = [g for g in torch.tensor_split(order, min(max_buckets, len(order))) if g.numel()]
+    return [(g.to(lookup.device), int(lookup[g].min())) for g in groups]
+
+
+def _prefix_cache(snapshot, rows: torch.Tensor):
+    """A fresh cache holding the bucket's constant prefix keys/values for ``rows`` (its own tensors are
+    never extended in place, so every step starts from the same prefix)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in snapshot])
+
+
+def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths, settings: ValueSettings,
+                    injection: Injection, bar) -> ValueResult:
+    from transformers import DynamicCache
+
+    adapter = model.adapter
+    device = model.device
+    n = len(requests)
+    local_of = {req: i for i, req in enumerate(requests)}
+    chunk_rows = rows.rows_of(requests)
+    batch = rows.batch(chunk_rows, model.tokenizer.pad_token_id, device)
+    owner = torch.tensor([local_of[rows.owner[r]] for r in chunk_rows], dtype=torch.long, device=device)
+    is_kl = torch.tensor([rows.kind[r] == "kl" for r in chunk_rows], device=device)
+    # Each request's first rewriting row (its bare prompt) defines h_init; its KL row the KL term.
+    first_row, kl_row = [-1] * n, [-1] * n
+    for b, r in enumerate(chunk_rows):
+        i = local_of[rows.owner[r]]
+        if rows.kind[r] == "kl":
+            kl_row[i] = b
+        elif first_row[i] < 0:
+            first_row[i] = b
+    first_row = torch.tensor(first_row, dtype=torch.long, device=device)
+    kl_row = torch.tensor(kl_row, dtype=torch.long, device=device)
+    acc = _float_type(model)
+    n_rewrite = torch.zeros(n, dtype=acc, device=device).index_add_(
+        0, owner[~is_kl], torch.ones(int((~is_kl).sum()), dtype=acc, device=device))
+    target_len = torch.tensor([float(target_lengths[r]) for r in requests], dtype=acc, device=device)
+    # Every target token of every rewriting row: (row, position, token).
+    label_rows, label_pos = torch.nonzero(batch.labels != -100, as_tuple=True)
+    label_tok = batch.labels[label_rows, label_pos]
+
+    site = _site_module(model, injection)
+    nll_name = adapter.layer_name(injection.nll_layer)
+    last_name = adapter.layer_name(adapter.num_layers - 1)
+    traced = list(dict.fromkeys([site, nll_name, last_name]))
+    replay_layer = injection.layer if injection.site == "block" else injection.layer - 1
+    reuse_prefix = settings.reuse_prefix and replay_layer < adapter.num_layers - 1
+
+    # One pass without δ, bucket by bucket: the output of the last replayed block (the blocks up to it
+    # never run again), h_init at the injection site, and the keys/values of the layers above it at the
+    # positions before each bucket's split (they never change: later steps start at the split).
+    n_buckets = max(1, min(settings.max_buckets, len(chunk_rows) // settings.min_bucket_rows))
+    plan = (_buckets(batch.lookup, n_buckets) if reuse_prefix
+            else [(torch.arange(len(chunk_rows), device=device), 0)])
+    names = [site] + ([adapter.layer_name(replay_layer)] if replay_layer >= 0 else [])
+    init = torch.zeros(n, adapter.hidden_size, dtype=acc, device=device)
+    replay_hidden, cached, buckets = None, None, []
+    for bucket_rows, split in plan:
+        cache = DynamicCache() if split > 0 else None
+        with torch.no_grad(), TraceDict(model.model, names, retain_output=True, stop_after=last_name) as td:
+            model.model(input_ids=batch.input_ids[bucket_rows], attention_mask=batch.attention_mask[bucket_rows],
+                        past_key_values=cache, use_cache=cache is not None)
+        local = torch.full((len(chunk_rows),), -1, dtype=torch.long, device=device)
+        local[bucket_rows] = torch.arange(bucket_rows.numel(), device=device)
+        mine = torch.nonzero(local[first_row] >= 0).reshape(-1)  # requests whose bare prompt is here
+        site_out = primary(td[site].output)
+        init[mine] = site_out[local[first_row[mine]], batch.lookup[first_row[mine]]].to(acc)
+        if replay_layer >= 0:
+            block_out = primary(td[names[-1]].output)
+            if replay_hidden is None:
+                replay_hidden = block_out.new_empty((len(chunk_rows),) + tuple(block_out.shape[1:]))
+                cached = BlockOutput(replay_hidden, td[names[-1]].output)
+            replay_hidden[bucket_rows] = block_out
+        snapshot = None
+        if cache is not None:
+            snapshot = []
+            for i, layer in enumerate(cache.layers):
+                if i <= replay_layer:  # never attended to again: a stand-in that only carries the length
+                    k = torch.zeros(bucket_rows.numel(), 1, split, 1, dtype=layer.keys.dtype, device=device)
+                    snapshot.append((k, k))
+                else:
+                    snapshot.append((layer.keys[:, :, :split].clone(), layer.values[:, :, :split].clone()))
+        buckets.append((bucket_rows, split, snapshot))
+        del cache, td
+    init_norm_sq = init.norm(dim=1) ** 2
+
+    d = adapter.hidden_size
+    delta = torch.zeros(n, d, dtype=acc, device=device)
+    exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
+    kl_init = None
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    steps = [0] * n
+    final_loss = [float("nan")] * n
+    label_is = torch.zeros(len(chunk_rows), dtype=torch.bool, device=device)
+
+    # The published loop leaves its last iteration before updating, so that forward changes nothing and is
+    # skipped (unless it is the only one).
+    for it in range(max(settings.num_steps - 1, 1)):
+        req_idx = torch.nonzero(active).reshape(-1)
+        row_active = active[owner]
+        delta_var = delta.clone().requires_grad_(True)
+        nll = torch.zeros(n, dtype=acc, device=device)
+        kl_logp = torch.zeros(n, 1, dtype=acc, device=device)
+        misses = torch.zeros(n, dtype=acc, device=device)
+        with torch.enable_grad():
+            for bucket_rows, split, snapshot in buckets:
+                keep = row_active[bucket_rows]
+                if not bool(keep.any()):
+                    continue
+                sel = bucket_rows[keep]
+                sub_owner = owner[sel]
+                arange = torch.arange(sel.numel(), device=device)
+                lookup = batch.lookup[sel] - split
+
+                def add_delta(output, layer, arange=arange, lookup=lookup, sub_owner=sub_owner):
+                    if layer != site:
+                        return output
+                    h = primary(output)
+                    h = h.index_put((arange, lookup), h[arange, lookup] + delta_var[sub_owner].to(h.dtype))
+                    return replace_primary(output, h)
+
+                past = _prefix_cache(snapshot, keep.nonzero().reshape(-1)) if snapshot is not None else None
+                replay = (replaying_blocks(model, replay_layer, cached, cached.hidden[sel, split:])
+                          if cached is not None else contextlib.nullcontext())
+                with replay, TraceDict(model.model, traced, retain_output=True, stop_after=last_name,
+                                       edit_output=add_delta) as tdb:
+                    model.model(input_ids=batch.input_ids[sel, split:], attention_mask=batch.attention_mask[sel],
+                                past_key_values=past, use_cache=past is not None)
+                local = torch.full((len(chunk_rows),), -1, dtype=torch.long, device=device)
+                local[sel] = arange
+                label_is.zero_()
+                label_is[sel] = True
+                lab = label_is[label_rows]
+                l_rows, l_pos, l_tok = local[label_rows[lab]], label_pos[lab] - split, label_tok[lab]
+                if l_rows.numel():
+                    logp = torch.log_softmax(_logits(model, primary(tdb[nll_name].output)[l_rows, l_pos]).to(acc),
+                                             dim=-1)
+                    l_owner = sub_owner[l_rows]
+                    nll = nll.index_add(0, l_owner, -logp.gather(1, l_tok.unsqueeze(1)).squeeze(1))
+                    if settings.stop_when_most_probable:
+                        misses = misses.index_add(0, l_owner, (logp.argmax(-1) != l_tok).to(acc))
+                kl_sel = is_kl[sel]
+                if bool(kl_sel.any()):
+                    k_local = arange[kl_sel]
+                    logits = _logits(model, primary(tdb[last_name].output)[k_local, lookup[k_local]]).to(acc)
+                    if kl_logp.shape[1] != logits.shape[1]:
+                        kl_logp = torch.zeros(n, logits.shape[1], dtype=acc, device=device)
+                    kl_logp = kl_logp.index_put((sub_owner[k_local],), torch.log_softmax(logits, dim=-1))
+            nll = nll / target_len / n_rewrite.clamp_min(1)
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()  # every request is active at step 0
+            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1) * active
+            decay = settings.weight_decay * delta_var.norm(dim=1) / init_norm_sq
+            loss = nll + settings.kl_factor * kl + decay
+            done = (loss.detach() < settings.loss_threshold) & active
+            if settings.stop_when_most_probable:
+                done |= (misses == 0) & active
+            for r, value in zip(req_idx.tolist(), loss.detach()[req_idx].tolist()):
+                final_loss[r] = value
+            go = active & ~done
+            if it >= settings.num_steps - 1:
+                go = torch.zeros_like(go)
+            if bool(go.any()):
+                (loss * go).sum().backward()
+        active = go
+        go_idx = torch.nonzero(go).reshape(-1)
+        bar.update(int(req_idx.numel()))
+        if go_idx.numel() == 0:
+            break
+        with torch.no_grad():
+            _adam_step_rows(delta, delta_var.grad, exp_avg, exp_avg_sq, go_idx, it + 1, settings.lr)
+            # Project back into the ball ‖δ‖ <= clamp_norm_factor · ‖h_init‖.
+            max_norm = settings.clamp_norm_factor * init[go_idx].norm(dim=1)
+            norms = delta[go_idx].norm(dim=1)
+            over = norms > max_norm
+            if bool(over.any()):
+                rows_over = go_idx[over]
+                delta[rows_over] = delta[rows_over] * max_norm[over].unsqueeze(1) / norms[over].unsqueeze(1)
+        for r in go_idx.tolist():
+            steps[r] += 1
+    return ValueResult(target=(init + delta).cpu(), init=init.cpu(), delta=delta.cpu(), steps=steps,
+                       final_loss=final_loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# The published loop
+
+
+def optimise_values_reference(model, rows: TokenRows, target_lengths: Sequence[int], settings: ValueSettings,
+                              injection: Injection, *, progress: bool = False) -> ValueResult:
+    """``compute_z`` / ``compute_v`` as published: one request at a time, a full forward per step (the
+    model's logits for the KL term; for MEMIT's site the NLL from the final norm and unembedding of
+    block ``nll_layer``'s output over every position, for ROME's the model's logits),
+    ``torch.optim.Adam`` on a ``[d]`` vector."""
+    adapter = model.adapter
+    device = model.device
+    n = len(target_lengths)
+    site = _site_module(model, injection)
+    nll_name = adapter.layer_name(injection.nll_layer)
+    acc = _float_type(model)
+    out = ValueResult(target=torch.zeros(n, adapter.hidden_size, dtype=acc),
+                      init=torch.zeros(n, adapter.hidden_size, dtype=acc),
+                      delta=torch.zeros(n, adapter.hidden_size, dtype=acc), steps=[0] * n, final_loss=[float("nan")] * n)
+    for i in tqdm(range(n), desc="optimising values (one at a time)", disable=not progress, leave=False):
+        req_rows = rows.rows_of([i])
+        rewrite = [r for r in req_rows if rows.kind[r] == "rewrite"]
+        kl = [r for r in req_rows if rows.kind[r] == "kl"]
+        order = rewrite + kl  # rewriting prompts first, the KL prompt last
+        batch = rows.batch(order, model.tokenizer.pad_token_id, device)
+        lookup = batch.lookup.tolist()
+        n_rw = len(rewrite)
+        targets = batch.labels[:n_rw]
+        delta = torch.zeros(adapter.hidden_size, dtype=acc, device=device, requires_grad=True)
+        state: dict = {"init": None}
+
+        def edit(output, layer):
+            if layer != site:
+                return output
+            h = primary(output)
+            if state["init"] is None:
+                state["init"] = h[0, lookup[0]].detach().clone()
+            h = h.clone()
+            for b, idx in enumerate(lookup):
+                h[b, idx, :] += delta.to(h.dtype)
+            return replace_primary(output, h)
+
+        opt = torch.optim.Adam([delta], lr=settings.lr)
+        kl_init = None
+        for it in range(settings.num_steps):
+            opt.zero_grad()
+            with torch.enable_grad():
+                with TraceDict(model.model, [nll_name, site], retain_output=True, edit_output=edit) as td:
+                    logits = model.model(**batch.model_inputs, use_cache=False).logits
+                kl_logp = torch.log_softmax(logits[n_rw:][torch.arange(len(kl)), batch.lookup[n_rw:]].to(acc), dim=1)
+                if kl_init is None:
+                    kl_init = kl_logp.detach().clone()
+                if injection.site == "block":
+                    full = _logits(model, primary(td[nll_name].output)[:n_rw])
+                else:
+                    full = logits[:n_rw]
+                log_probs = torch.log_softmax(full.to(acc), dim=2)
+                picked = torch.gather(log_probs, 2, torch.where(targets != -100, targets, 0).unsqueeze(2)).squeeze(2)
+                mask = (targets != -100).float()
+                nll = (-(picked * mask).sum(1) / target_lengths[i]).mean()
+                kl_loss = settings.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+                decay = settings.weight_decay * (torch.norm(delta) / torch.norm(state["init"]) ** 2)
+                loss = nll + kl_loss + decay
+                out.final_loss[i] = float(loss.detach())
+                if loss < settings.loss_threshold:
+                    break
+                if settings.stop_when_most_probable:
+                    hit = (log_probs.argmax(-1) == targets) | (targets == -100)
+                    if bool(hit.all()):
+                        break
+                if it == settings.num_steps - 1:
+                    break
+                loss.backward()
+            opt.step()
+            out.steps[i] += 1
+            max_norm = settings.clamp_norm_factor * state["init"].norm()
+            if delta.norm() > max_norm:
+                with torch.no_grad():
+                    delta[...] = delta * max_norm / delta.norm()
+        init = state["init"].to(acc).cpu()
+        out.init[i] = init
+        out.delta[i] = delta.detach().cpu()
+        out.target[i] = init + delta.detach().cpu()
+    return out

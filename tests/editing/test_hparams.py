@@ -1,0 +1,115 @@
+"""Hyper-parameters: the published files are accepted as they are, their module names are checked
+against the model, unknown keys are errors, and the shipped defaults are found by model."""
+import json
+from importlib import resources
+from types import SimpleNamespace
+
+import pytest
+
+from kedit_core.editors import get_editor, resolve_hparams
+from kedit_core.errors import HyperParamsError
+from kedit_core.testing import tiny_model
+
+# hparams/MEMIT/EleutherAI_gpt-j-6B.json and hparams/MEMIT/gpt2-xl.json of kmeng01/memit (data, verbatim).
+GPTJ_MEMIT = {"layers": [3, 4, 5, 6, 7, 8], "clamp_norm_factor": 0.75, "layer_selection": "all",
+              "fact_token": "subject_last", "v_num_grad_steps": 25, "v_lr": 5e-1, "v_loss_layer": 27,
+              "v_weight_decay": 0.5, "kl_factor": 0.0625, "mom2_adjustment": True, "mom2_update_weight": 15000,
+              "rewrite_module_tmp": "transformer.h.{}.mlp.fc_out", "layer_module_tmp": "transformer.h.{}",
+              "mlp_module_tmp": "transformer.h.{}.mlp", "attn_module_tmp": "transformer.h.{}.attn",
+              "ln_f_module": "transformer.ln_f", "lm_head_module": "lm_head", "mom2_dataset": "wikipedia",
+              "mom2_n_samples": 100000, "mom2_dtype": "float32"}
+GPT2XL_MEMIT = {**GPTJ_MEMIT, "layers": [13, 14, 15, 16, 17], "v_num_grad_steps": 20, "v_loss_layer": 47,
+                "mom2_update_weight": 20000, "rewrite_module_tmp": "transformer.h.{}.mlp.c_proj",
+                "lm_head_module": "transformer.wte"}
+
+
+def write(tmp_path, data, name="h.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def gptj():
+    return tiny_model("gptj", num_layers=4, hidden_size=64)
+
+
+def test_published_file_is_accepted_and_checked(tmp_path, gptj):
+    memit = get_editor("memit")
+    path = write(tmp_path, GPTJ_MEMIT)
+    hp = memit.HParams.from_json(path)
+    assert hp.layers == [3, 4, 5, 6, 7, 8] and hp.mom2_update_weight == 15000.0
+    with pytest.raises(HyperParamsError, match=r"layer\(s\) \[4, 5, 6, 7, 8\] do not exist"):
+        resolve_hparams(memit, gptj, path)
+    with pytest.raises(HyperParamsError, match="v_loss_layer = 27"):
+        resolve_hparams(memit, gptj, path, layers=[1, 2])
+    hp = resolve_hparams(memit, gptj, path, layers=[1, 2], v_loss_layer=None)  # module names match GPT-J's
+    assert hp.rewrite_module_tmp == "transformer.h.{}.mlp.fc_out"
+
+
+def test_architecture_strings_must_match_the_adapter(tmp_path, gptj):
+    memit = get_editor("memit")
+    gpt2_file = write(tmp_path, {**GPT2XL_MEMIT, "layers": [1, 2], "v_loss_layer": 3})
+    with pytest.raises(HyperParamsError, match=r"names 'transformer.h.1.mlp.c_proj'.*'transformer.h.1.mlp.fc_out'"):
+        resolve_hparams(memit, gptj, gpt2_file)
+    gpt2 = tiny_model("gpt2", num_layers=4, hidden_size=64)
+    with pytest.raises(HyperParamsError, match="lm_head_module = 'transformer.wte' is not this model's unembedding"):
+        resolve_hparams(memit, gpt2, gpt2_file)  # the tiny model does not tie lm_head to wte
+    gpt2.model.lm_head.weight = gpt2.model.transformer.wte.weight  # tied, as in GPT-2 XL
+    assert resolve_hparams(memit, gpt2, gpt2_file).lm_head_module == "transformer.wte"
+
+
+def test_unknown_keys_are_errors_bookkeeping_keys_are_not(tmp_path):
+    memit = get_editor("memit")
+    with pytest.raises(HyperParamsError, match=r"unknown key\(s\) \['v_lrr'\]"):
+        memit.HParams.from_json(write(tmp_path, {**GPTJ_MEMIT, "v_lrr": 0.1}))
+    assert memit.HParams.from_json(write(tmp_path, {**GPTJ_MEMIT, "model_name": "Llama3-8B"})).v_lr == 0.5
+    with pytest.raises(HyperParamsError, match="fact_token"):
+        memit.HParams.from_dict({"fact_token": "last"})
+    with pytest.raises(HyperParamsError, match="expected one of"):
+        memit.HParams.from_dict({"mode": "turbo"})
+
+
+def fake_model(config_cls, **attrs):
+    import transformers
+
+    config = getattr(transformers, config_cls)(**attrs)
+    return SimpleNamespace(model=SimpleNamespace(config=config), source="/models/some-local-copy",
+                           adapter=SimpleNamespace(num_layers=attrs.get("n_layer", attrs.get("num_hidden_layers"))))
+
+
+def test_published_defaults_are_found_by_model():
+    gpt2xl = fake_model("GPT2Config", n_layer=48, n_embd=1600, n_head=25)
+    llama3 = fake_model("LlamaConfig", num_hidden_layers=32, hidden_size=4096, vocab_size=128256)
+    gptj = fake_model("GPTJConfig", n_layer=28, n_embd=4096)
+    neox = fake_model("GPTNeoXConfig", num_hidden_layers=44, hidden_size=6144, num_attention_heads=64)
+    memit, rome, emmet = get_editor("memit"), get_editor("rome"), get_editor("emmet")
+    assert memit.default_hparams(gpt2xl).layers == [13, 14, 15, 16, 17]
+    assert memit.default_hparams(gpt2xl).mom2_update_weight == 20000
+    assert memit.default_hparams(gptj).layers == [3, 4, 5, 6, 7, 8]
+    assert memit.default_hparams(llama3).v_lr == 0.1
+    assert memit.default_hparams(neox).mom2_update_weight == 6000
+    assert rome.default_hparams(gptj).layers == [5] and rome.default_hparams(gptj).clamp_norm_factor == 4
+    assert rome.default_hparams(llama3).mom2_adjustment is False
+    assert get_editor("r-rome").default_hparams(gpt2xl).r_rome is True
+    assert emmet.default_hparams(gpt2xl).mom2_update_weight == 1000 and emmet.default_hparams(gptj).layers == [5]
+    small = fake_model("GPT2Config", n_layer=12, n_embd=768)
+    assert memit.default_hparams(small).layers == [2, 3, 4]  # inferred: ends near 30% of the depth
+
+
+def test_published_defaults_are_found_by_name_too():
+    memit = get_editor("memit")
+    by_name = SimpleNamespace(model=SimpleNamespace(config=None), source="meta-llama/Meta-Llama-3-8B",
+                              adapter=SimpleNamespace(num_layers=32))
+    assert memit.default_hparams(by_name).layers == [4, 5, 6, 7, 8]
+
+
+def test_every_shipped_file_validates():
+    for name in ("memit", "rome", "emmet"):
+        editor = get_editor(name)
+        root = resources.files(f"kedit_plugins.{name}").joinpath("hparams")
+        index = json.loads(root.joinpath("index.json").read_text())
+        assert {e["model"] for e in index["models"]} == {"GPT-2 XL", "GPT-J 6B", "GPT-NeoX-20B", "Llama-3-8B"}
+        for entry in index["models"]:
+            hp = editor.HParams.from_json(root.joinpath(entry["file"]))
+            assert hp.rewrite_module_tmp is None and entry["source"]
