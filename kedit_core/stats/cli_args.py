@@ -18,8 +18,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_corpus_arguments(group) -> None:
-    """Where C0 is computed from and cached: ``--corpus``, budgets, ``--stats-dir`` and friends."""
+def add_corpus_arguments(group, *, batch_prefix: str = "") -> None:
+    """Where C0 is computed from and cached: ``--corpus``, budgets, ``--stats-dir`` and friends.
+
+    ``batch_prefix`` renames the batch-size options (``--stats-batch-tokens``) in commands whose own
+    ``--batch-tokens`` means something else (``kedit eval`` scores in batches too)."""
     group.add_argument("--corpus", metavar="FILE|hf:NAME[:CONFIG][:SPLIT]",
                        help="text to compute C0 from: a plain text file (documents separated by blank lines, or "
                             "one per line), a .jsonl file with a text field, or a Hugging Face dataset (needs the "
@@ -30,11 +33,11 @@ def add_corpus_arguments(group) -> None:
     group.add_argument("--stats-dir", metavar="DIR",
                        help="statistics cache (default $KEDIT_STATS_DIR or ~/.cache/kedit/stats); with no "
                             "--corpus, cached statistics for the model are looked up there")
-    group.add_argument("--batch-tokens", type=_positive_int, metavar="N",
-                       help="padded tokens per forward batch (default 2048 on CPU, 16384 on GPU)")
-    group.add_argument("--chunk-tokens", type=_positive_int, metavar="N",
+    group.add_argument(f"--{batch_prefix}batch-tokens", dest="stats_batch_tokens", type=_positive_int, metavar="N",
+                       help="padded tokens per statistics forward batch (default 2048 on CPU, 16384 on GPU)")
+    group.add_argument(f"--{batch_prefix}chunk-tokens", dest="stats_chunk_tokens", type=_positive_int, metavar="N",
                        help="tokens per chunk, the unit of checkpoints and of work per torchrun process "
-                            "(default 32 x --batch-tokens)")
+                            f"(default 32 x --{batch_prefix}batch-tokens)")
     group.add_argument("--text-field", default="text", metavar="NAME", help="text field of JSONL/dataset records")
     group.add_argument("--doc-separator", choices=("auto", "blank", "line"), default="auto",
                        help="how a plain text corpus is split into documents (auto: blank lines if it has any)")
@@ -50,7 +53,7 @@ def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cov", action="append", metavar="LAYER=PATH",
                        help="a precomputed moment for one layer: safetensors with tensor 'mom2' (normalised "
                             "Σkkᵀ/count) and optional 'count'; repeat per layer")
-    add_corpus_arguments(group)
+    add_corpus_arguments(group, batch_prefix="stats-")
 
 
 def cached_source_from_args(args: argparse.Namespace, *, progress: bool = True):
@@ -63,7 +66,8 @@ def cached_source_from_args(args: argparse.Namespace, *, progress: bool = True):
 
     return CachedCovariance(
         corpus, stats_dir, tokens=getattr(args, "tokens", None), docs=getattr(args, "docs", None),
-        batch_tokens=getattr(args, "batch_tokens", None), chunk_tokens=getattr(args, "chunk_tokens", None),
+        batch_tokens=getattr(args, "stats_batch_tokens", None),
+        chunk_tokens=getattr(args, "stats_chunk_tokens", None),
         mom2_dtype=getattr(args, "mom2_dtype", "float32"),
         text_field=getattr(args, "text_field", "text"), separator=getattr(args, "doc_separator", "auto"),
         checkpoint_every=getattr(args, "checkpoint_every", 600.0), progress=progress,

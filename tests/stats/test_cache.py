@@ -172,7 +172,7 @@ def test_cli_options_cov_files_and_the_cache_as_fallback(model, small_corpus, tm
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(small_corpus))
     args = parse(["--cov", f"2={cov_file}", "--corpus", str(corpus), "--tokens", "400", "--stats-dir",
-                  str(tmp_path / "stats"), "--batch-tokens", "128"])
+                  str(tmp_path / "stats"), "--stats-batch-tokens", "128"])
     source = source_from_args(args)
     assert isinstance(source.fallback, CachedCovariance) and source.fallback.tokens == 400
     source.prepare(model, [1, 2])
