@@ -49,8 +49,8 @@ class TrainConfig(HyperParams):
     context_length: int = 128
     tie_embeddings: bool = True
     seq_len: int = 64                   # training row length (tokens)
-    batch_size: int = 64                # rows per step
-    steps: int = 600
+    batch_size: int = 32                # rows per step
+    steps: int = 500
     lr: float = 3e-3
     min_lr_ratio: float = 0.05          # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 40
@@ -62,8 +62,8 @@ class TrainConfig(HyperParams):
     # Curriculum: the first warmup_subject_steps steps see only the facts of warmup_subjects subjects.
     # The recall circuit forms on few individuals much sooner, which shortens the plateau before
     # facts are learnt (Zucchet et al. 2025, "How do language models learn facts?").
-    warmup_subjects: int = 0
-    warmup_subject_steps: int = 0
+    warmup_subjects: int = 100
+    warmup_subject_steps: int = 60
     seed: int = 0
     eval_every: int = 0                 # measure recall every N steps (0: only at the end)
 

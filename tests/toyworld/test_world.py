@@ -22,7 +22,7 @@ def test_world_is_sized_for_editing_at_scale(world):
     summary = world.summary()
     assert summary["relations"] >= 6
     assert summary["subjects"] >= 1000            # a batch of 1000 edits can take distinct subjects
-    assert summary["facts"] >= 3000
+    assert summary["facts"] >= 1000               # one fact per subject by default (training time)
     assert all(10 <= n <= 30 for n in summary["objects"].values())
     per_relation = list(summary["facts_per_relation"].values())
     assert max(per_relation) - min(per_relation) <= 1
@@ -78,7 +78,7 @@ def test_facts_are_balanced_and_have_neighbours(world):
     counts = {}
     for fact in world.facts:
         counts[(fact.relation_id, fact.object)] = counts.get((fact.relation_id, fact.object), 0) + 1
-    assert min(counts.values()) >= 6
+    assert min(counts.values()) >= 4
 
 
 def test_lookups_and_text(world):
