@@ -63,21 +63,6 @@ def _model_dir(name: str) -> str:
     return MODEL_ALIASES[name]() if name in MODEL_ALIASES else name
 
 
-def _parse_sets(values: list[str]) -> dict:
-    from ...errors import KeditError
-
-    out = {}
-    for value in values:
-        key, sep, raw = value.partition("=")
-        if not sep or not key:
-            raise KeditError(f"--set {value!r}: expected KEY=VALUE, e.g. --set lr=0.002")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
 def _train(args) -> int:
     import torch
 
@@ -85,7 +70,9 @@ def _train(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = _parse_sets(args.set)
+    from ...hparams import parse_assignments
+
+    overrides = parse_assignments(tw.TrainConfig, args.set)
     for key, value in (("family", args.family), ("steps", args.steps), ("seed", args.seed),
                        ("eval_every", args.eval_every)):
         if value is not None:
