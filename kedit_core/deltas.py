@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -47,21 +46,12 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.
     killed mid-write) never sees a partial file."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .atomic import atomic_path
+
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in sorted(tensors.items())}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=safetensors_metadata(meta))
-        with open(tmp, "rb") as written:  # on disk before the rename, so a crash cannot leave a torn file
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 @dataclass

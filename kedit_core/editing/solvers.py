@@ -16,10 +16,8 @@ float32 inverse of C0 for ROME.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Literal
@@ -83,17 +81,11 @@ class FactorCache:
             return
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        from ..atomic import atomic_path
+
+        with atomic_path(path) as tmp:
             save_file({"factor": factor.detach().cpu().contiguous()}, tmp,
                       metadata={"kedit": repr({"digest": key[0], "scale": key[1], "shift": key[2]})})
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
 
 
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

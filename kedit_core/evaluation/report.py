@@ -10,10 +10,9 @@ import copy
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from ..atomic import write_bytes_atomic
 from .harness import headline_metrics, metric_names
 
 __all__ = ["write_report", "plot_before_after", "plot_scaling", "format_summary"]
@@ -22,16 +21,7 @@ PRE_COLOR, POST_COLOR = "#9e9e9e", "#1f77b4"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, data)
 
 
 def _json_bytes(data) -> bytes:

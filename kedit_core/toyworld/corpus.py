@@ -95,13 +95,11 @@ def write_corpus(documents: Sequence[str], path: str | os.PathLike) -> Path:
     """Write documents atomically: ``.jsonl`` as ``{"text": ...}`` lines, anything else as plain text
     with one document per line and a blank line between documents (readable both as line-separated
     and as blank-line-separated documents)."""
+    from ..atomic import write_text_atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".jsonl":
         text = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in documents)
     else:
         text = "\n\n".join(documents) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)

@@ -19,7 +19,6 @@ so no MEMIT keys collide and :func:`kedit_core.requests.check_conflicts` has not
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -105,9 +104,6 @@ def record_fact(record: dict) -> Fact:
 
 def write_records(records: list[dict], path: str | os.PathLike) -> Path:
     """Write records as a JSON list (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from ..atomic import write_json_atomic
+
+    return write_json_atomic(path, records, indent=1)

@@ -118,16 +118,9 @@ def print_summary(summary: dict, out=None) -> None:
 
 
 def write_sidecar(path: Path, payload: dict) -> Path:
-    import os
-    import tempfile
+    from ...atomic import write_json_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, payload, sort_keys=True)
 
 
 def run(args) -> int:
