@@ -70,7 +70,7 @@ from kedit_core.requests import requests_from_records  # noqa: E402
 DEFAULT_OUT = HERE / "results" / "finetune_report"
 KEEP_STAGE_DELTAS = "keep_stage_deltas"  # the f-learning plugin's EditContext option
 METRICS = ("A_M", "A_F_minus_S", "A_bar", "generality", "locality", "A_old", "A_mix_pool")
-CSV_FIELDS = ("run", "group", "method", "layers", "module", "norm_constraint", "lr", "num_steps",
+CSV_FIELDS = ("run", "seed", "group", "method", "layers", "module", "norm_constraint", "lr", "num_steps",
               *METRICS, "stage1_A_old", "stage1_A_F_minus_S", "stage1_locality", "optimizer_steps",
               "final_loss", "edit_seconds", "measure_seconds")
 
@@ -139,15 +139,35 @@ class Meter:
 # Runs
 
 class Report:
-    def __init__(self, model, facts: FactSets, meter: Meter, *, seed: int, bar, started: float):
+    """Runs edits of one seed's fact sets and appends a row per run to ``rows`` (shared across seeds)."""
+
+    def __init__(self, model, facts: FactSets, meter: Meter, *, seed: int, primary: bool, rows: list, bar,
+                 started: float):
         self.model, self.facts, self.meter, self.seed = model, facts, meter, seed
-        self.bar, self.started = bar, started
-        self.rows: list[dict] = []
+        self.rows, self.bar, self.started = rows, bar, started
+        # The primary seed's runs make the full report; another seed's repeat the comparison runs.
+        self.suffix = "" if primary else f" [seed {seed}]"
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def run(self, run_id: str, group: str, method: str, overrides: dict, *, options: dict | None = None) -> dict:
+    def _say(self, run_id: str, metrics: dict, stage1: dict | None, seconds: float) -> None:
+        tqdm.write(f"[{self.elapsed():6.1f}s] {run_id:<36} A_M {metrics['A_M']:5.1f}  A_F\\S {metrics['A_F_minus_S']:5.1f}"
+                   f"  Ā {metrics['A_bar']:5.1f}  loc {metrics['locality']:5.1f}"
+                   + (f"  | stage 1: A_old {stage1['A_old']:5.1f} loc {stage1['locality']:5.1f}" if stage1 else "")
+                   + f"  ({seconds:.1f}s)")
+
+    def unedited(self) -> dict:
+        metrics = self.meter.measure(self.model)
+        row = {"run": "unedited" + self.suffix, "name": "unedited", "group": "base" if not self.suffix else "seed_repeats",
+               "method": None, "hparams": {}, "overrides": {}, "seed": self.seed, "metrics": metrics, "stage1": None,
+               "stages": [], "max_abs_change": None, "trained_parameters": 0, "delta_norm": 0.0,
+               "timings": {"edit_seconds": 0.0, "measure_seconds": 0.0, "editor_phases": {}}}
+        self.rows.append(row)
+        self._say(row["run"], metrics, None, 0.0)
+        return row
+
+    def run(self, name: str, group: str, method: str, overrides: dict, *, options: dict | None = None) -> dict:
         """compute_edit → apply → measure → revert; one row of the report."""
         context = EditContext(seed=self.seed, progress=False, options=dict(options or {}))
         start = time.perf_counter()
@@ -161,10 +181,9 @@ class Report:
             with result.info["forget_deltas"].apply(self.model.model, check_fingerprint=False):
                 stage1 = self.meter.measure(self.model)
         measure_seconds = time.perf_counter() - start
-        hp = dict(result.deltas.hparams)
-        stages = result.deltas.extra.get("stages", [])
-        row = {"run": run_id, "group": group, "method": method, "hparams": hp, "overrides": overrides,
-               "seed": self.seed, "metrics": metrics, "stage1": stage1, "stages": stages,
+        row = {"run": name + self.suffix, "name": name, "group": group if not self.suffix else "seed_repeats",
+               "method": method, "hparams": dict(result.deltas.hparams), "overrides": overrides, "seed": self.seed,
+               "metrics": metrics, "stage1": stage1, "stages": result.deltas.extra.get("stages", []),
                "max_abs_change": result.deltas.extra.get("max_abs_change"),
                "trained_parameters": len(result.deltas.tensors),
                "delta_norm": math.sqrt(sum(v ** 2 for v in result.deltas.norms().values())),
@@ -172,11 +191,14 @@ class Report:
                            "editor_phases": dict(result.timings)}}
         self.rows.append(row)
         self.bar.update(1)
-        tqdm.write(f"[{self.elapsed():6.1f}s] {run_id:<28} A_M {metrics['A_M']:5.1f}  A_F\\S {metrics['A_F_minus_S']:5.1f}"
-                   f"  Ā {metrics['A_bar']:5.1f}  loc {metrics['locality']:5.1f}"
-                   + (f"  | stage 1: A_old {stage1['A_old']:5.1f} loc {stage1['locality']:5.1f}" if stage1 else "")
-                   + f"  ({edit_seconds:.1f}s)")
+        self._say(row["run"], metrics, stage1, edit_seconds)
         return row
+
+    def reuse(self, row: dict, name: str, group: str) -> dict:
+        """A row already measured, listed again under another table (marked ``same_as``)."""
+        copy = dict(row, run=name + self.suffix, name=name, group=group, same_as=row["run"])
+        self.rows.append(copy)
+        return copy
 
 
 def best_delta(rows: Sequence[dict]) -> float:
@@ -201,7 +223,7 @@ def csv_row(row: dict) -> dict:
     lr = hp.get("lr", hp.get("learn_lr"))
     steps = hp.get("num_steps", hp.get("learn_num_steps"))
     last = row["stages"][-1] if row["stages"] else {}
-    out = {"run": row["run"], "group": row["group"], "method": row["method"],
+    out = {"run": row["run"], "seed": row["seed"], "group": row["group"], "method": row["method"],
            "layers": "all" if hp.get("layers") is None else "+".join(map(str, hp["layers"])),
            "module": hp.get("module"), "norm_constraint": hp.get("norm_constraint"), "lr": lr, "num_steps": steps}
     out.update({k: m.get(k) for k in METRICS})
@@ -236,7 +258,7 @@ def markdown_tables(rows: Sequence[dict]) -> str:
     return out.getvalue()
 
 
-def plot_all(rows: Sequence[dict], out: Path, title: str) -> list[Path]:
+def plot_all(rows: Sequence[dict], summary: Sequence[dict], out: Path, title: str) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -245,45 +267,49 @@ def plot_all(rows: Sequence[dict], out: Path, title: str) -> list[Path]:
     by_group = lambda g: [r for r in rows if r["group"] == g]  # noqa: E731
     colours = {"A_M": "tab:red", "A_F_minus_S": "tab:blue", "A_bar": "black"}
     labels = {"A_M": "A_M (modified)", "A_F_minus_S": "A_F\\S (unmodified)", "A_bar": "Ā"}
+    over_seeds = {e["run"]: e for e in summary}
 
-    # Method comparison bars (Zhu et al. on the left, F-Learning on the right)
+    def value(row: dict, key: str) -> tuple[float | None, float]:
+        """Mean and sd over seeds where the run was repeated, else the row's own value (sd 0)."""
+        stage1 = key.startswith("stage1_")
+        entry = over_seeds.get(row["name"])
+        if entry is not None and entry.get(key) is not None:
+            return entry[key]["mean"], entry[key]["sd"]
+        v = (row["stage1"] or {}).get(key[len("stage1_"):]) if stage1 else row["metrics"][key]
+        return v, 0.0
+
+    def bars(ax, chosen, keys, width):
+        for k, (key, label, colour) in enumerate(keys):
+            xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(chosen))]
+            pairs = [(x, *value(r, key)) for x, r in zip(xs, chosen)]
+            pairs = [p for p in pairs if p[1] is not None]
+            ax.bar([p[0] for p in pairs], [p[1] for p in pairs], width, color=colour, label=label, alpha=0.85)
+            spread = [p for p in pairs if p[2] > 0]
+            if spread:
+                ax.errorbar([p[0] for p in spread], [p[1] for p in spread], yerr=[p[2] for p in spread], fmt="none",
+                            ecolor="0.2", elinewidth=0.8, capsize=2)
+            for x, v, sd in pairs:
+                ax.text(x, v + sd + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(chosen)))
+        ax.set_xticklabels([r["name"] for r in chosen], rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 132)
+        ax.set_yticks(range(0, 101, 20))
+        ax.legend(fontsize=7, loc="upper center", ncol=len(keys) if len(keys) <= 3 else 2, frameon=False)
+
     zhu = by_group("base") + by_group("defaults") + by_group("methods")
     fl = by_group("f_learning")
-    fig, axes = plt.subplots(1, 2 if fl else 1, figsize=(14 if fl else 8, 4.8), squeeze=False,
-                             gridspec_kw={"width_ratios": [len(zhu), max(len(fl), 1)]} if fl else None)
-    ax = axes[0][0]
-    width = 0.27
-    for k, key in enumerate(("A_M", "A_F_minus_S", "A_bar")):
-        xs = [i + (k - 1) * width for i in range(len(zhu))]
-        vals = [r["metrics"][key] for r in zhu]
-        ax.bar(xs, vals, width, color=colours[key], label=labels[key], alpha=0.85)
-        for x, v in zip(xs, vals):
-            ax.text(x, v + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(zhu)))
-    ax.set_xticklabels([r["run"] for r in zhu], rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 112)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("FT / FT-L / FT-Mix at the comparison layer")
-    ax.legend(fontsize=8, loc="upper right")
+    fig, axes = plt.subplots(1, 2 if fl else 1, figsize=(14 if fl else 8, 5), squeeze=False,
+                             gridspec_kw={"width_ratios": [len(zhu), len(fl)]} if fl else None)
+    bars(axes[0][0], zhu, [(k, labels[k], colours[k]) for k in ("A_M", "A_F_minus_S", "A_bar")], 0.27)
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][0].set_title("FT / FT-L / FT-Mix at the comparison layer", fontsize=10)
     if fl:
-        ax = axes[0][1]
-        keys = (("stage1_A_old", "old facts after stage 1", "tab:orange"), ("A_M", "A_M after stage 2", "tab:red"),
-                ("generality", "generality", "tab:purple"), ("locality", "locality", "tab:blue"))
-        width = 0.2
-        for k, (key, label, colour) in enumerate(keys):
-            xs = [i + (k - 1.5) * width for i in range(len(fl))]
-            vals = [(r["stage1"] or {}).get("A_old") if key == "stage1_A_old" else r["metrics"][key] for r in fl]
-            ax.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], width,
-                   color=colour, label=label, alpha=0.85)
-            for x, v in zip(xs, vals):
-                if v is not None:
-                    ax.text(x, v + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(range(len(fl)))
-        ax.set_xticklabels([r["run"] for r in fl], rotation=20, ha="right", fontsize=8)
-        ax.set_ylim(0, 112)
-        ax.set_title("F-Learning vs plain FT (same parameters)")
-        ax.legend(fontsize=8, loc="upper right")
-    fig.suptitle(title, fontsize=10)
+        bars(axes[0][1], fl, (("stage1_A_old", "old facts after stage 1", "tab:orange"),
+                              ("stage1_locality", "locality after stage 1", "tab:cyan"),
+                              ("A_M", "A_M (reliability)", "tab:red"), ("locality", "locality", "tab:blue")), 0.2)
+        axes[0][1].set_title("F-Learning vs plain FT on the same parameters", fontsize=10)
+    note = "bars: mean ± sd over seeds where repeated (the others: the first seed)" if summary else ""
+    fig.suptitle(title + ("\n" + note if note else ""), fontsize=9)
     fig.tight_layout()
     written.append(out / "methods.png")
     fig.savefig(written[-1], dpi=120)
@@ -344,7 +370,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
     p.add_argument("--model", default="toy", help="a toy-world checkpoint (default: the committed one)")
-    p.add_argument("--seed", type=int, default=0, help="records, fact split, templates and editors' seeds")
+    p.add_argument("--seeds", default="0,1,2",
+                   help="seeds of the records, fact split, templates and editors; the first makes the full report, "
+                        "the others repeat the method comparison and F-Learning (default: %(default)s)")
     p.add_argument("--num-modified", type=int, default=64, help="modified facts M (default: %(default)s)")
     p.add_argument("--mix-pool", type=int, default=128,
                    help="unmodified facts set aside for FT-Mix to train on, not evaluated (default: %(default)s)")
@@ -353,18 +381,95 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--layer", type=int, default=0, help="layer of the method comparison and δ sweep (default: 0)")
     p.add_argument("--layers", default="all", help="layer sweep: 'all', 'none' or a list like 0,2,5")
     p.add_argument("--module", default="mlp_out", help="trained module kind for FT/FT-L/FT-Mix (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=5e-3, help="FT/FT-L/FT-Mix learning rate for the report runs")
+    p.add_argument("--lr", type=float, default=5e-3, help="FT/FT-L/FT-Mix learning rate (default: %(default)s)")
     p.add_argument("--steps", type=int, default=25, help="FT/FT-L/FT-Mix passes (default: %(default)s)")
-    p.add_argument("--deltas", default="1e-3,3e-3,1e-2,3e-2,1e-1", help="FT-L δ sweep (comma separated)")
+    p.add_argument("--deltas", default="1e-3,3e-3,1e-2,3e-2,1e-1", help="FT-L δ sweep (default: %(default)s)")
     p.add_argument("--mix-ratio", type=float, default=1.0, help="FT-Mix unmodified facts per modified fact")
     p.add_argument("--no-defaults", action="store_true", help="skip the runs with the plugin's defaults")
     p.add_argument("--no-flearning", action="store_true", help="skip F-Learning")
     p.add_argument("--fl-set", action="append", default=[], metavar="KEY=VALUE",
                    help="F-Learning hyper-parameter overrides (default: the plugin's defaults)")
-    p.add_argument("--forget-methods", default="lora,full", help="F-Learning forget stages to run")
+    p.add_argument("--forget-methods", default="lora,full", help="F-Learning forget stages (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     p.add_argument("--score-tokens", type=int, default=4096, help="padded tokens per scoring batch")
     return p.parse_args(argv)
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
+def comparison_and_flearning(report: Report, args, *, delta: float | None, fl: dict | None,
+                             ft_row: dict | None = None, ftl_row: dict | None = None) -> None:
+    """The runs repeated for every seed: FT, FT-L (δ), FT-Mix at the comparison layer, and F-Learning
+    beside plain FT on the same parameters. ``ft_row``/``ftl_row``: already measured (primary seed)."""
+    where = {"layers": [args.layer], "module": args.module, "lr": args.lr, "num_steps": args.steps}
+    if ft_row is None:
+        report.run("ft", "methods", "ft", where)
+    if delta is not None:
+        if ftl_row is None:
+            report.run(f"ft-l (δ={delta:g})", "methods", "ft-l", dict(where, norm_constraint=delta))
+        else:
+            report.reuse(ftl_row, f"ft-l (δ={delta:g})", "methods")
+    pool = [(f.prompt, f.target) for f in report.facts.mix_pool]
+    report.run("ft-mix", "methods", "ft-mix", dict(where, mix_ratio=args.mix_ratio), options={"unmodified_facts": pool})
+    if fl is None:
+        return
+    hp, overrides = fl["hparams"], fl["overrides"]
+    if hp.learn_method == "full":
+        baseline = {"layers": hp.layers, "module": hp.module, "params": list(hp.params),
+                    "include_biases": hp.include_biases, "lr": hp.learn_lr, "num_steps": hp.learn_num_steps,
+                    "early_stop_loss": hp.learn_early_stop_loss, "batch_size": hp.batch_size,
+                    "weight_decay": hp.weight_decay}
+        report.run("ft (F-Learning's params)", "f_learning", "ft", baseline)
+    else:  # plain LoRA fine-tuning is F-Learning without a forget stage
+        report.run("lora-ft (no forgetting)", "f_learning", "f-learning", dict(overrides, forget_num_steps=0))
+    for method in fl["forget_methods"]:
+        report.run(f"f-learning {method}→{hp.learn_method}", "f_learning", "f-learning",
+                   dict(overrides, forget_method=method), options={KEEP_STAGE_DELTAS: True})
+
+
+def seed_summary(rows: Sequence[dict]) -> list[dict]:
+    """Mean and sample standard deviation over seeds of every run repeated for each seed."""
+    names: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["group"] in ("base", "methods", "f_learning", "seed_repeats"):
+            names.setdefault(row["name"], []).append(row)
+    out = []
+    for name, group in names.items():
+        if len(group) < 2:
+            continue
+        entry = {"run": name, "seeds": [r["seed"] for r in group]}
+        for key in ("A_M", "A_F_minus_S", "A_bar", "generality", "locality", "A_old"):
+            entry[key] = _mean_sd([r["metrics"][key] for r in group])
+        for key in ("A_old", "locality"):
+            values = [(r["stage1"] or {}).get(key) for r in group]
+            entry[f"stage1_{key}"] = _mean_sd(values) if all(v is not None for v in values) else None
+        out.append(entry)
+    return out
+
+
+def _mean_sd(values: Sequence[float]) -> dict:
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "values": list(values)}
+
+
+def summary_table(summary: Sequence[dict]) -> str:
+    if not summary:
+        return ""
+    head = ("run", "seeds", "A_M", "A_F\\S", "Ā", "gen.", "locality", "stage-1 A_old", "stage-1 loc.")
+    cell = lambda v: "—" if v is None else f"{v['mean']:.1f} ± {v['sd']:.1f}"  # noqa: E731
+    out = io.StringIO()
+    out.write("\n**Across seeds (mean ± sd)**\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+    for e in summary:
+        cells = (e["run"], ",".join(map(str, e["seeds"])), cell(e["A_M"]), cell(e["A_F_minus_S"]), cell(e["A_bar"]),
+                 cell(e["generality"]), cell(e["locality"]), cell(e["stage1_A_old"]), cell(e["stage1_locality"]))
+        out.write("| " + " | ".join(cells) + " |\n")
+    return out.getvalue()
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -374,6 +479,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    seeds = _int_list(args.seeds, "--seeds")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds {args.seeds!r}: give one or more distinct seeds")
 
     model = kedit.load_model(args.model)
     model_dir = toyworld.checkpoint_dir() if args.model == "toy" else args.model
@@ -381,110 +489,98 @@ def main(argv: Sequence[str] | None = None) -> dict:
     num_layers = model.adapter.num_layers
     if not 0 <= args.layer < num_layers:
         raise SystemExit(f"--layer {args.layer}: the model has layers 0..{num_layers - 1}")
-    if args.layers == "all":
-        sweep_layers = list(range(num_layers))
-    elif args.layers == "none":
-        sweep_layers = []
-    else:
-        sweep_layers = [int(x) for x in args.layers.split(",")]
+    sweep_layers = {"all": list(range(num_layers)), "none": []}.get(args.layers) or _int_list(args.layers, "--layers")
+    for layer in sweep_layers:
+        if not 0 <= layer < num_layers:
+            raise SystemExit(f"--layers: layer {layer} is out of range 0..{num_layers - 1}")
     deltas = [float(x) for x in args.deltas.split(",") if x.strip()]
-    forget_methods = [m for m in args.forget_methods.split(",") if m.strip()]
-    fl_overrides = parse_assignments(get_editor("f-learning").HParams, args.fl_set)
+    fl = None
+    if not args.no_flearning:
+        overrides = parse_assignments(get_editor("f-learning").HParams, args.fl_set)
+        fl = {"hparams": kedit.resolve_hparams(get_editor("f-learning"), model, None, **overrides),
+              "overrides": overrides, "forget_methods": [m for m in args.forget_methods.split(",") if m.strip()]}
 
-    facts = FactSets(world, num_modified=args.num_modified, mix_pool=args.mix_pool,
-                     num_unmodified=args.num_unmodified, seed=args.seed)
-    meter = Meter(model, facts, args.score_tokens)
-    base = meter.measure(model)
-
-    planned = ((0 if args.no_defaults else 2) + len(deltas) + 2
+    per_seed = 2 + (1 + len(fl["forget_methods"]) if fl else 0)  # ft, ft-mix (+ ft-l on repeats), F-Learning
+    planned = ((0 if args.no_defaults else 2) + len(deltas) + per_seed
                + 2 * len([layer for layer in sweep_layers if layer != args.layer])
-               + (0 if args.no_flearning else 1 + len(forget_methods)))
+               + (len(seeds) - 1) * (per_seed + (1 if deltas else 0)))
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    rows: list[dict] = []
+    fact_sets: dict[int, dict] = {}
+    chosen_delta = None
     with tqdm(total=planned, desc="finetune report", unit="run") as bar:
-        report = Report(model, facts, meter, seed=args.seed, bar=bar, started=started)
-        report.rows.append({"run": "unedited", "group": "base", "method": None, "hparams": {}, "overrides": {},
-                            "seed": args.seed, "metrics": base, "stage1": None, "stages": [], "max_abs_change": None,
-                            "trained_parameters": 0, "delta_norm": 0.0,
-                            "timings": {"edit_seconds": 0.0, "measure_seconds": 0.0, "editor_phases": {}}})
-        tqdm.write(f"[{report.elapsed():6.1f}s] unedited: A_M {base['A_M']:.1f}  A_F\\S {base['A_F_minus_S']:.1f}  "
-                   f"A_old {base['A_old']:.1f}  ({len(facts.unmodified)} unmodified facts evaluated)")
-        where = {"layers": [args.layer], "module": args.module}
-        if not args.no_defaults:  # the plugin's defaults, as published (layer 0, mlp_out, lr 5e-4, δ 5e-4)
-            report.run("ft (plugin defaults)", "defaults", "ft", {})
-            report.run("ft-l (plugin defaults)", "defaults", "ft-l", {})
-        report_settings = {"lr": args.lr, "num_steps": args.steps}
-        sweep = [report.run(f"ft-l δ={d:g}", "delta_sweep", "ft-l", dict(where, norm_constraint=d, **report_settings))
-                 for d in deltas]
-        chosen_delta = best_delta(sweep) if sweep else None
-        ft_row = report.run("ft", "methods", "ft", dict(where, **report_settings))
-        if chosen_delta is not None:
-            headline = next(r for r in sweep if r["hparams"]["norm_constraint"] == chosen_delta)
-            report.rows.append(dict(headline, run=f"ft-l (δ={chosen_delta:g})", group="methods", same_as=headline["run"]))
-        pool = [(f.prompt, f.target) for f in facts.mix_pool]
-        report.run("ft-mix", "methods", "ft-mix", dict(where, mix_ratio=args.mix_ratio, **report_settings),
-                   options={"unmodified_facts": pool})
-
-        for layer in sweep_layers:
-            if layer == args.layer:
-                report.rows.append(dict(ft_row, run=f"ft L{layer}", group="layer_sweep", same_as=ft_row["run"]))
-                if chosen_delta is not None:
-                    report.rows.append(dict(headline, run=f"ft-l L{layer}", group="layer_sweep", same_as=headline["run"]))
+        for index, seed in enumerate(seeds):
+            facts = FactSets(world, num_modified=args.num_modified, mix_pool=args.mix_pool,
+                             num_unmodified=args.num_unmodified, seed=seed)
+            fact_sets[seed] = facts.describe()
+            report = Report(model, facts, Meter(model, facts, args.score_tokens), seed=seed, primary=index == 0,
+                            rows=rows, bar=bar, started=started)
+            report.unedited()
+            if index > 0:
+                comparison_and_flearning(report, args, delta=chosen_delta, fl=fl)
                 continue
-            at = {"layers": [layer], "module": args.module, **report_settings}
-            report.run(f"ft L{layer}", "layer_sweep", "ft", at)
-            if chosen_delta is not None:
-                report.run(f"ft-l L{layer}", "layer_sweep", "ft-l", dict(at, norm_constraint=chosen_delta))
-
-        if not args.no_flearning:
-            fl_hp = kedit.resolve_hparams(get_editor("f-learning"), model, None, **fl_overrides)
-            baseline = {"layers": fl_hp.layers, "module": fl_hp.module, "params": list(fl_hp.params),
-                        "include_biases": fl_hp.include_biases, "lr": fl_hp.learn_lr,
-                        "num_steps": fl_hp.learn_num_steps, "early_stop_loss": fl_hp.learn_early_stop_loss,
-                        "batch_size": fl_hp.batch_size, "weight_decay": fl_hp.weight_decay}
-            if fl_hp.learn_method == "full":
-                report.run("ft (F-Learning's params)", "f_learning", "ft", baseline)
-            else:  # plain LoRA fine-tuning is F-Learning without a forget stage
-                report.run("lora-ft (no forgetting)", "f_learning", "f-learning", dict(fl_overrides, forget_num_steps=0))
-            for method in forget_methods:
-                report.run(f"f-learning {method}→{fl_hp.learn_method}", "f_learning", "f-learning",
-                           dict(fl_overrides, forget_method=method), options={KEEP_STAGE_DELTAS: True})
+            where = {"layers": [args.layer], "module": args.module, "lr": args.lr, "num_steps": args.steps}
+            if not args.no_defaults:  # the plugin's defaults as published (layer 0, mlp_out, lr 5e-4, δ 5e-4)
+                report.run("ft (plugin defaults)", "defaults", "ft", {})
+                report.run("ft-l (plugin defaults)", "defaults", "ft-l", {})
+            sweep = [report.run(f"ft-l δ={d:g}", "delta_sweep", "ft-l", dict(where, norm_constraint=d)) for d in deltas]
+            chosen_delta = best_delta(sweep) if sweep else None
+            headline = next((r for r in sweep if r["hparams"]["norm_constraint"] == chosen_delta), None)
+            ft_row = report.run("ft", "methods", "ft", where)
+            comparison_and_flearning(report, args, delta=chosen_delta, fl=fl, ft_row=ft_row, ftl_row=headline)
+            for layer in sweep_layers:
+                if layer == args.layer:
+                    report.reuse(ft_row, f"ft L{layer}", "layer_sweep")
+                    if headline is not None:
+                        report.reuse(headline, f"ft-l L{layer}", "layer_sweep")
+                    continue
+                at = {"layers": [layer], "module": args.module, "lr": args.lr, "num_steps": args.steps}
+                report.run(f"ft L{layer}", "layer_sweep", "ft", at)
+                if chosen_delta is not None:
+                    report.run(f"ft-l L{layer}", "layer_sweep", "ft-l", dict(at, norm_constraint=chosen_delta))
 
     total = time.perf_counter() - started
+    summary = seed_summary(rows)
     meta = toyworld.checkpoint_metadata(model_dir)
     results = {
         "report": "fine-tuning family on the toy fact world (bench/report_finetune.py)",
         "command": " ".join(["python", "bench/report_finetune.py", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "seeds": {"records": args.seed, "fact_split_and_templates": f"random.Random('kedit-report-finetune-{args.seed}')",
-                  "editors": args.seed, "f_learning_stages": {"forget": args.seed, "learn": args.seed + 1}},
-        "delta_choice": {"rule": "best Ā of the δ sweep at the comparison layer (ties: smaller δ)",
+        "seeds": {"seeds": seeds, "full_report_seed": seeds[0],
+                  "per_seed": "toyworld.make_records(world, num_modified, seed=seed); fact split and templates from "
+                              "random.Random(f'kedit-report-finetune-{seed}'); EditContext(seed=seed) (FT-Mix's "
+                              "sampler, F-Learning's LoRA init: forget seed, learn seed + 1)"},
+        "delta_choice": {"rule": "best Ā of the δ sweep at the comparison layer, primary seed (ties: smaller δ)",
                          "delta": chosen_delta, "layer": args.layer},
-        "facts": facts.describe(),
+        "flearning_hparams": fl["hparams"].to_dict() if fl else None,
+        "facts": fact_sets,
         "model": {"name": args.model, "num_layers": num_layers,
                   "parameters": sum(p.numel() for p in model.model.parameters()),
                   "hidden_size": meta.get("train", {}).get("hidden_size"), "world_sha256": world.sha256,
                   "fingerprint": model.fingerprint()},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
                         "machine": platform.machine(), "cpu_count": os.cpu_count(), "load_average_start": load_start,
-                        "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-                        "kedit": getattr(kedit, "__version__", None)},
+                        "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "total_seconds": total,
-        "runs": report.rows,
+        "summary_over_seeds": summary,
+        "runs": rows,
     }
     write_json_atomic(out / "finetune_report.json", results)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     writer.writeheader()
-    for row in report.rows:
+    for row in rows:
         writer.writerow({k: ("" if v is None else v) for k, v in csv_row(row).items()})
     write_text_atomic(out / "finetune_report.csv", buf.getvalue())
-    title = (f"kedit fine-tuning family on the toy world: {len(facts.modified)} modified facts, "
-             f"{len(facts.unmodified)} unmodified evaluated, {num_layers}-layer model, seed {args.seed}")
-    tables = markdown_tables(report.rows)
-    footer = (f"\nFT-L headline δ = {chosen_delta} (best Ā of the sweep at layer {args.layer}); "
-              f"{total:.0f} s in all on {args.threads} threads (load average {load_start} at start).\n")
+    facts0 = fact_sets[seeds[0]]
+    title = (f"kedit fine-tuning family on the toy world: {facts0['modified']} modified facts, "
+             f"{facts0['unmodified_evaluated']} unmodified evaluated, {num_layers}-layer model, seeds {args.seeds}")
+    tables = markdown_tables(rows) + summary_table(summary)
+    footer = (f"\nTables above the last: seed {seeds[0]}. FT-L headline δ = {chosen_delta} (best Ā of the sweep at "
+              f"layer {args.layer}). {total:.0f} s in all on {args.threads} threads (load average "
+              f"{load_start if load_start is None else round(load_start, 2)} at start).\n")
     write_text_atomic(out / "finetune_report.md", f"# {title}\n{tables}{footer}")
-    plots = plot_all(report.rows, out, title)
+    plots = plot_all(rows, summary, out, title)
     print(f"\n# {title}\n{tables}{footer}")
     print("wrote " + ", ".join(str(p) for p in [out / "finetune_report.json", out / "finetune_report.csv",
                                                out / "finetune_report.md", *plots]))
