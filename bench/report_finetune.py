@@ -11,6 +11,7 @@ What it measures, on the committed toy model (``kedit.load_model("toy")``, whate
   pool of ``--mix-pool`` of them is set aside as FT-Mix's unmodified training facts; ``A_{F\\S}``
   (``A_F_minus_S``) and F-Learning's *locality* (share of facts whose argmax target tokens did not
   change) are measured on the rest, which no method trains on. ``Ā = (A_M + A_{F\\S}) / 2`` (Zhu et al.).
+  ``→new`` (``leak_to_new``) is the share of them now answered wrongly with one of the edits' new objects.
 
 Runs (every one through ``kedit.compute_edit`` → deltas applied, measured, reverted):
 
@@ -69,7 +70,7 @@ from kedit_core.requests import requests_from_records  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "finetune_report"
 KEEP_STAGE_DELTAS = "keep_stage_deltas"  # the f-learning plugin's EditContext option
-METRICS = ("A_M", "A_F_minus_S", "A_bar", "generality", "locality", "A_old", "A_mix_pool")
+METRICS = ("A_M", "A_F_minus_S", "A_bar", "generality", "locality", "A_old", "A_mix_pool", "leak_to_new")
 CSV_FIELDS = ("run", "seed", "group", "method", "layers", "module", "norm_constraint", "lr", "num_steps",
               *METRICS, "stage1_A_old", "stage1_A_F_minus_S", "stage1_locality", "optimizer_steps",
               "final_loss", "edit_seconds", "measure_seconds")
@@ -132,7 +133,17 @@ class Meter:
         return {"A_M": a_m, "A_F_minus_S": a_f, "A_bar": (a_m + a_f) / 2, "generality": accuracy(s["paraphrases"]),
                 "locality": locality(self.before["unmodified"], s["unmodified"]),
                 "locality_token_agreement": token_agreement(self.before["unmodified"], s["unmodified"]),
-                "A_old": accuracy(s["old"]), "A_mix_pool": accuracy(s["mix_pool"])}
+                "A_old": accuracy(s["old"]), "A_mix_pool": accuracy(s["mix_pool"]),
+                "leak_to_new": leak_to_new_objects(s["modified"], s["unmodified"])}
+
+
+def leak_to_new_objects(modified, unmodified) -> float | None:
+    """Share (×100) of the unmodified facts the model now gets wrong by predicting one of the edits'
+    new targets: how much of the damage is the edit spilling over to other subjects of a relation."""
+    if not unmodified:
+        return None
+    new_targets = {tuple(s.target_ids) for s in modified}
+    return 100.0 * sum(not s.correct and tuple(s.argmax_ids) in new_targets for s in unmodified) / len(unmodified)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,7 +250,7 @@ def markdown_tables(rows: Sequence[dict]) -> str:
     groups = [("Method comparison (Zhu et al.)", ("base", "defaults", "methods")),
               ("FT-L δ sweep", ("delta_sweep",)), ("Layer sweep", ("layer_sweep",)),
               ("F-Learning (Ni et al.)", ("f_learning",))]
-    head = ("run", "layers", "δ", "lr", "steps", "A_M", "A_F\\S", "Ā", "gen.", "locality", "A_old",
+    head = ("run", "layers", "δ", "lr", "steps", "A_M", "A_F\\S", "Ā", "gen.", "locality", "A_old", "→new",
             "stage-1 A_old", "stage-1 loc.", "s")
     out = io.StringIO()
     for title, names in groups:
@@ -252,7 +263,8 @@ def markdown_tables(rows: Sequence[dict]) -> str:
             cells = (c["run"], c["layers"] if row["group"] != "base" else "—", f"{c['norm_constraint']:g}"
                      if c["norm_constraint"] is not None else "—", _fmt(c["lr"]) if c["lr"] is None else f"{c['lr']:g}",
                      _fmt(c["num_steps"]), _fmt(c["A_M"]), _fmt(c["A_F_minus_S"]), _fmt(c["A_bar"]),
-                     _fmt(c["generality"]), _fmt(c["locality"]), _fmt(c["A_old"]), _fmt(c["stage1_A_old"]),
+                     _fmt(c["generality"]), _fmt(c["locality"]), _fmt(c["A_old"]), _fmt(c["leak_to_new"]),
+                     _fmt(c["stage1_A_old"]),
                      _fmt(c["stage1_locality"]), _fmt(c["edit_seconds"]))
             out.write("| " + " | ".join(cells) + " |\n")
     return out.getvalue()
@@ -319,7 +331,7 @@ def plot_all(rows: Sequence[dict], summary: Sequence[dict], out: Path, title: st
     sweep = sorted(by_group("delta_sweep"), key=lambda r: r["hparams"]["norm_constraint"])
     ft = next((r for r in by_group("methods") if r["method"] == "ft"), None)
     if sweep:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 5.5))
         xs = [r["hparams"]["norm_constraint"] for r in sweep]
         for key in ("A_M", "A_F_minus_S", "A_bar"):
             ax.plot(xs, [r["metrics"][key] for r in sweep], "o-", color=colours[key], label=f"FT-L {labels[key]}")
@@ -330,9 +342,10 @@ def plot_all(rows: Sequence[dict], summary: Sequence[dict], out: Path, title: st
         ax.set_xlabel("δ (ℓ∞ bound on every trained weight)")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(-3, 103)
-        layer = sweep[0]["hparams"]["layers"]
-        ax.set_title(f"FT-L δ sweep, layer {layer}, {sweep[0]['hparams']['module']}", fontsize=10)
-        ax.legend(fontsize=7, loc="center left")
+        layer = "+".join(map(str, sweep[0]["hparams"]["layers"]))
+        ax.set_title(f"FT-L δ sweep, layer {layer}, {sweep[0]['hparams']['module']} (dotted: unconstrained FT)",
+                     fontsize=10)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
         fig.tight_layout()
         written.append(out / "delta_sweep.png")
         fig.savefig(written[-1], dpi=120)
@@ -443,7 +456,7 @@ def seed_summary(rows: Sequence[dict]) -> list[dict]:
         if len(group) < 2:
             continue
         entry = {"run": name, "seeds": [r["seed"] for r in group]}
-        for key in ("A_M", "A_F_minus_S", "A_bar", "generality", "locality", "A_old"):
+        for key in ("A_M", "A_F_minus_S", "A_bar", "generality", "locality", "A_old", "leak_to_new"):
             entry[key] = _mean_sd([r["metrics"][key] for r in group])
         for key in ("A_old", "locality"):
             values = [(r["stage1"] or {}).get(key) for r in group]
@@ -461,13 +474,14 @@ def _mean_sd(values: Sequence[float]) -> dict:
 def summary_table(summary: Sequence[dict]) -> str:
     if not summary:
         return ""
-    head = ("run", "seeds", "A_M", "A_F\\S", "Ā", "gen.", "locality", "stage-1 A_old", "stage-1 loc.")
+    head = ("run", "seeds", "A_M", "A_F\\S", "Ā", "gen.", "locality", "→new", "stage-1 A_old", "stage-1 loc.")
     cell = lambda v: "—" if v is None else f"{v['mean']:.1f} ± {v['sd']:.1f}"  # noqa: E731
     out = io.StringIO()
     out.write("\n**Across seeds (mean ± sd)**\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
     for e in summary:
         cells = (e["run"], ",".join(map(str, e["seeds"])), cell(e["A_M"]), cell(e["A_F_minus_S"]), cell(e["A_bar"]),
-                 cell(e["generality"]), cell(e["locality"]), cell(e["stage1_A_old"]), cell(e["stage1_locality"]))
+                 cell(e["generality"]), cell(e["locality"]), cell(e["leak_to_new"]), cell(e["stage1_A_old"]),
+                 cell(e["stage1_locality"]))
         out.write("| " + " | ".join(cells) + " |\n")
     return out.getvalue()
 
