@@ -116,10 +116,16 @@ class Deltas:
 
 
 def _parameters(model: nn.Module, names) -> dict[str, nn.Parameter]:
-    params = dict(model.named_parameters())
+    # Tied weights answer to every name they have (GPT-2's lm_head.weight is transformer.wte.weight).
+    params = dict(model.named_parameters(remove_duplicate=False))
     missing = [n for n in names if n not in params]
     if missing:
         raise KeditError(f"the model has no parameter(s) {missing}; these deltas were made for another architecture")
+    by_tensor: dict[int, str] = {}
+    for n in names:
+        other = by_tensor.setdefault(id(params[n]), n)
+        if other != n:
+            raise KeditError(f"deltas for {other!r} and {n!r} name the same (tied) parameter; give one of them")
     return {n: params[n] for n in names}
 
 

@@ -109,3 +109,17 @@ def test_not_a_delta_file(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"garbage")
     with pytest.raises(KeditError, match="not a readable safetensors"):
         Deltas.load(tmp_path / "junk.safetensors")
+
+
+def test_tied_weights_answer_to_both_names():
+    import kedit_core
+
+    m = kedit_core.load_model("toy")   # GPT-2 with tied embeddings
+    assert m.model.lm_head.weight is m.model.transformer.wte.weight
+    before = m.model.transformer.wte.weight.detach().clone()
+    delta = torch.ones_like(before)
+    with Deltas({"lm_head.weight": delta}).apply(m.model):
+        assert torch.equal(m.model.transformer.wte.weight, before + delta)
+    assert torch.equal(m.model.transformer.wte.weight, before)
+    with pytest.raises(KeditError, match="same \\(tied\\) parameter"):
+        Deltas({"lm_head.weight": delta, "transformer.wte.weight": delta}).apply(m.model)

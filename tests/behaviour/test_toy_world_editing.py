@@ -1,0 +1,127 @@
+"""Behavioural tests: do the editors actually change what the toy model knows, and nothing else?
+
+These are the tests that tell us an editor works, so they hold it to bars it can miss (and
+``test_a_broken_solver_fails_the_bars`` shows they do miss them when the update is zeroed). Every
+outcome is written to ``$KEDIT_BEHAVIOUR_OUT`` (when set) so the measured numbers can be read."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import kedit_core
+from kedit_core import toyworld
+from kedit_core.toyworld.editing import EditBars, edit_and_measure, toy_statistics
+
+MEMIT_BARS = EditBars(es=95, ps=80, ns=80, max_recall_drop=5)
+ROME_BARS = EditBars(es=90, ns=80)
+SCALING_BARS = EditBars(es=90)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return kedit_core.load_model("toy", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return toyworld.load_world()
+
+
+@pytest.fixture(scope="module")
+def stats(world, tmp_path_factory):
+    return toy_statistics(world, tmp_path_factory.mktemp("toy-stats"))
+
+
+def record(outcome: dict, name: str) -> dict:
+    out = os.environ.get("KEDIT_BEHAVIOUR_OUT")
+    if out:
+        path = Path(out) / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(outcome, indent=1, default=str))
+    return outcome
+
+
+# Measured on the committed toy model (layers 0-2, lambda 300; see plugins/memit/hparams/kedit-toy.json):
+# ES 94.5, PS 88.3, NS 67.9, recall of the 1000 untouched facts 99.9 -> 24.9. Edits leak to other
+# subjects; no layer/lambda setting we swept clears ES and NS/recall together (the closing note of
+# issue 5 has the sweep). Strict: the day the bars are met, this xfail turns into a failure to remove.
+@pytest.mark.xfail(strict=True, reason="toy-model MEMIT at 200 edits: NS 67.9 < 80 and recall drop 75 > 5")
+def test_memit_200_edits(toy, world, stats):
+    outcome = record(edit_and_measure(toy, world, "memit", 200, stats=stats), "memit_200")
+    assert outcome["pre"]["ES"] <= 5 and outcome["recall"]["before"] >= 98   # the model knew the old facts
+    assert MEMIT_BARS.failures(outcome) == []
+
+
+# Measured (layer 2): ES 90.0, PS 92.5, NS 54.6, untouched recall 99.9 -> 68.9.
+@pytest.mark.xfail(strict=True, reason="toy-model ROME, 10 sequential edits: NS 54.6 < 80")
+def test_rome_10_sequential_edits(toy, world, stats):
+    outcome = record(edit_and_measure(toy, world, "rome", 10, stats=stats), "rome_10")
+    assert ROME_BARS.failures(outcome) == []
+
+
+@pytest.mark.slow   # 1,110 edits and their evaluation: several minutes on 2 cores
+def test_memit_scaling(toy, world, stats):
+    outcomes = [record(edit_and_measure(toy, world, "memit", n, stats=stats), f"memit_scaling_{n}")
+                for n in (10, 100, 1000)]
+    for outcome in outcomes:
+        assert SCALING_BARS.failures(outcome) == [], outcome["num_edits"]
+    # NS is recorded, not barred, at 1000 edits (the MEMIT paper's NS also falls with the edit count)
+    ns = [o["post"]["NS"] for o in outcomes]
+    assert all(0 <= v <= 100 for v in ns)
+
+
+def test_a_broken_solver_fails_the_bars(toy, world, stats, monkeypatch):
+    # Zero the weight update MEMIT's solver returns: the same harness and bars must then fail.
+    import kedit_plugins.memit as memit_plugin
+
+    real_solve = memit_plugin.memit_solve
+    monkeypatch.setattr(memit_plugin, "memit_solve", lambda *a, **k: real_solve(*a, **k) * 0)
+    outcome = edit_and_measure(toy, world, "memit", 20, stats=stats)
+    missed = MEMIT_BARS.failures(outcome)
+    assert any(m.startswith("ES") for m in missed), outcome["post"]
+
+
+def test_any_plugin_editor_runs_through_the_same_harness(toy, world):
+    # An editor registered through a plugin (here the hook, as an installed package would) is run by
+    # name; this one raises the new target's logit through the unembedding only.
+    from dataclasses import dataclass
+
+    import torch
+
+    from kedit_core import Deltas, EditResult, Editor, HyperParams
+    from kedit_core.plugins import registered_plugin
+
+    @dataclass(frozen=True)
+    class BoostHParams(HyperParams):
+        strength: float = 30.0
+
+    class TargetBoost(Editor):
+        name = "test-target-boost"
+        summary = "adds the final hidden state to the target's unembedding row"
+        HParams = BoostHParams
+
+        def compute(self, model, requests, context):
+            weight = model.adapter.unembedding.weight
+            delta = torch.zeros_like(weight)
+            for req in requests:
+                ids = model.tokenizer(req.filled_prompt, return_tensors="pt")
+                with torch.no_grad():
+                    h = model.model(**ids, output_hidden_states=True).hidden_states[-1][0, -1]
+                target = model.tokenizer(req.target_new, add_special_tokens=False)["input_ids"][0]
+                delta[target] += self.hparams.strength * h / h.dot(h)
+            return EditResult(Deltas({model.adapter.unembedding_name + ".weight": delta}))
+
+    class Plugin:
+        @kedit_core.hookimpl
+        def register_editors(self, register):
+            register(TargetBoost)
+
+    before = toy.fingerprint()
+    with registered_plugin(Plugin(), name="behaviour-test-plugin"):
+        outcome = edit_and_measure(toy, world, "test-target-boost", 20)
+    assert outcome["method"] == "test-target-boost" and outcome["hparams"] == {"strength": 30.0}
+    assert outcome["post"]["ES"] > outcome["pre"]["ES"] + 50
+    assert toy.fingerprint() == before
