@@ -503,7 +503,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     num_layers = model.adapter.num_layers
     if not 0 <= args.layer < num_layers:
         raise SystemExit(f"--layer {args.layer}: the model has layers 0..{num_layers - 1}")
-    sweep_layers = {"all": list(range(num_layers)), "none": []}.get(args.layers) or _int_list(args.layers, "--layers")
+    named = {"all": list(range(num_layers)), "none": []}
+    sweep_layers = named[args.layers] if args.layers in named else _int_list(args.layers, "--layers")
     for layer in sweep_layers:
         if not 0 <= layer < num_layers:
             raise SystemExit(f"--layers: layer {layer} is out of range 0..{num_layers - 1}")
