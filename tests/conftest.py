@@ -34,3 +34,19 @@ def zsre_path() -> Path:
 @pytest.fixture(scope="session")
 def wikitext_path() -> Path:
     return DATA / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@pytest.fixture(scope="session")
+def toy():
+    """kedit's committed toy model (shared: tests that edit it revert exactly)."""
+    import kedit_core
+
+    return kedit_core.load_model("toy", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def world():
+    """The toy world the committed toy model knows."""
+    from kedit_core import toyworld
+
+    return toyworld.load_world()

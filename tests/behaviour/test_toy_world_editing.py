@@ -12,22 +12,11 @@ from pathlib import Path
 import pytest
 
 import kedit_core
-from kedit_core import toyworld
 from kedit_core.toyworld.editing import EditBars, edit_and_measure, toy_statistics
 
 MEMIT_BARS = EditBars(es=95, ps=80, ns=80, max_recall_drop=5)
 ROME_BARS = EditBars(es=90, ns=80)
 SCALING_BARS = EditBars(es=90)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return kedit_core.load_model("toy", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def world():
-    return toyworld.load_world()
 
 
 @pytest.fixture(scope="module")

@@ -42,16 +42,6 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return kedit.load_model("toy", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def world():
-    return toyworld.load_world()
-
-
-@pytest.fixture(scope="module")
 def toy_requests(world):
     return requests_from_records(toyworld.make_records(world, 4, seed=0), "counterfact", source="toy world")
 

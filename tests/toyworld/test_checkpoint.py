@@ -8,16 +8,6 @@ from kedit_core import toyworld
 from kedit_core.models import MODEL_ALIASES
 
 
-@pytest.fixture(scope="module")
-def toy():
-    return kedit_core.load_model("toy", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def world():
-    return toyworld.load_world()
-
-
 def test_alias_loads_the_committed_checkpoint_with_the_gpt2_adapter(toy):
     assert "toy" in MODEL_ALIASES and toy.source == toyworld.checkpoint_dir()
     assert toy.adapter.name == "gpt2"
