@@ -109,7 +109,13 @@ def test_every_shipped_file_validates():
         editor = get_editor(name)
         root = resources.files(f"kedit_plugins.{name}").joinpath("hparams")
         index = json.loads(root.joinpath("index.json").read_text())
-        assert {e["model"] for e in index["models"]} == {"GPT-2 XL", "GPT-J 6B", "GPT-NeoX-20B", "Llama-3-8B"}
+        assert {e["model"] for e in index["models"]} >= {"GPT-2 XL", "GPT-J 6B", "GPT-NeoX-20B", "Llama-3-8B"}
         for entry in index["models"]:
             hp = editor.HParams.from_json(root.joinpath(entry["file"]))
             assert hp.rewrite_module_tmp is None and entry["source"]
+
+
+def test_the_toy_model_gets_its_own_settings(toy):
+    hp = get_editor("memit").default_hparams(toy)
+    assert hp.layers == [0, 1, 2] and hp.mom2_update_weight == 300.0
+    assert get_editor("rome").default_hparams(toy).layers == [2]
