@@ -49,15 +49,23 @@ COUNTERFACT = REPO / "tests" / "fixtures" / "data" / "counterfact_dev.json"
 PUBLISHED = ValueSettings(num_steps=20, lr=0.5, weight_decay=0.5, clamp_norm_factor=0.75, kl_factor=0.0625)
 
 
-def random_model(family: str, layers: int, hidden: int, vocab: int, dtype, device):
+def random_model(family: str, layers: int, hidden: int, vocab: int, dtype, device, *, heads: int | None = None,
+                 rotary_dim: int | None = None):
+    """A seeded random model built directly on ``device`` (a 6B-parameter model is not initialised on
+    the CPU first). ``heads``/``rotary_dim`` give the real head layout (the test configs use 4 heads)."""
     from transformers import AutoModelForCausalLM
 
     from kedit_core.models import wrap_model
     from kedit_core.testing import test_tokenizer, tiny_config
 
     config = tiny_config(family, num_layers=layers, hidden_size=hidden, context_length=2048, vocab_size=vocab)
+    if heads is not None:
+        setattr(config, "n_head" if hasattr(config, "n_head") else "num_attention_heads", heads)
+    if rotary_dim is not None:
+        config.rotary_dim = rotary_dim
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(dtype).to(device)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
     return wrap_model(model, test_tokenizer(), source=f"random-{family}-{layers}x{hidden}")
 
 
@@ -139,43 +147,65 @@ def bench_solve(d_k: int, n: int, repeats: int) -> dict:
             "woodbury_vs_lu_relative_error_max": max(errors)}
 
 
+# GPT-J 6B's shape (28 layers, d = 4096, 16 heads of 256 with rotary_dim 64, d_ff = 16384), MEMIT's
+# published GPT-J layers and settings (hparams/MEMIT/EleutherAI_gpt-j-6B.json).
+GPTJ_SHAPE = dict(layers=28, hidden=4096, vocab=50400, heads=16, rotary_dim=64)
+SMOKE_SHAPE = dict(layers=28, hidden=64, vocab=50400, heads=4, rotary_dim=8)  # same code path, CPU-sized
+
+
 def bench_gpu(args) -> dict:
-    """GPT-J-shaped bf16 MEMIT on CUDA: seconds per phase for 1,000 and 10,000 requests."""
+    """GPT-J-shaped bf16 MEMIT: seconds per phase for each of ``--gpu-requests``, written after each run."""
     import kedit_core as kedit
     from kedit_core.stats import InMemoryCovariance
 
-    if not torch.cuda.is_available():
-        raise SystemExit("--gpu needs a CUDA device")
-    model = random_model("gptj", 28, 4096, 50400, torch.bfloat16, "cuda")
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device (or --device cpu --smoke for a CPU-sized check)")
+    shape = SMOKE_SHAPE if args.smoke else GPTJ_SHAPE
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    model, t_build = timed(random_model, "gptj", shape["layers"], shape["hidden"], shape["vocab"], dtype, device,
+                           heads=shape["heads"], rotary_dim=shape["rotary_dim"])
     layers = [3, 4, 5, 6, 7, 8]
     d_k = model.adapter.key_size
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     moments = {}
-    for layer in layers:
-        k = torch.randn(2 * d_k, d_k, generator=g, device="cuda")
+    for layer in layers:  # a random positive-definite stand-in for C0 (statistics are benchmarked separately)
+        k = torch.randn(2 * d_k, d_k, generator=g, device=device)
         moments[layer] = (k.T @ k / k.shape[0]).cpu()
+        del k
     records = load_requests(COUNTERFACT)
-    out = {"model": "GPT-J-shaped random (28 x 4096, d_ff 16384), bfloat16, CUDA",
-           "device": torch.cuda.get_device_name(), "runs": []}
-    for n in args.gpu_requests:
-        requests = [records[i % len(records)] for i in range(n)]
-        requests = [type(r)(r.prompt, f"{r.subject} {i // len(records)}" if i >= len(records) else r.subject,
-                            r.target_new, r.target_true, case_id=i) for i, r in enumerate(requests)]
-        context = kedit.EditContext(stats=InMemoryCovariance(moments), progress=True, seed=0)
-        result, seconds = timed(kedit.compute_edit, model, requests, "memit", layers=layers, v_num_grad_steps=25,
-                                v_loss_layer=27, mom2_update_weight=15000, context=context)
-        out["runs"].append({"requests": n, "seconds_total": seconds, "seconds_per_phase": result.timings,
-                            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    out = {"model": f"GPT-J-shaped random ({shape['layers']} x {shape['hidden']}, {shape['heads']} heads, "
+                    f"d_ff {4 * shape['hidden']}), {str(dtype).replace('torch.', '')}, {device}",
+           "device": name, "model_build_seconds": t_build, "layers": layers,
+           "settings": {"v_num_grad_steps": 25, "v_loss_layer": 27, "mom2_update_weight": 15000, "seed": 0},
+           "runs": []}
     templates = flatten_templates(generate_context_templates(model, MEMIT_RECIPE, seed=0))
-    sample = requests[: args.reference_sample]
+    sample = records[: args.reference_sample]
     rows, lengths = value_rows(model.tokenizer, sample, templates, fact_token="subject_last", rule="offsets")
     settings = ValueSettings(**{**PUBLISHED.__dict__, "num_steps": 25})
     _, t_sample = timed(optimise_values_reference, model, rows, lengths, settings,
                         Injection(layer=8, site="block", nll_layer=27))
     out["one_at_a_time_seconds_per_request"] = t_sample / len(sample)
-    for run in out["runs"]:
-        run["value_speedup_vs_one_at_a_time"] = (out["one_at_a_time_seconds_per_request"] * run["requests"]
-                                                 / run["seconds_per_phase"]["values"])
+    out["one_at_a_time_measured_requests"] = len(sample)
+    for n in args.gpu_requests:
+        # CounterFact requests, repeated with a numbered subject past the file's end (distinct subjects).
+        requests = [records[i % len(records)] for i in range(n)]
+        requests = [type(r)(r.prompt, f"{r.subject} {i // len(records)}" if i >= len(records) else r.subject,
+                            r.target_new, r.target_true, case_id=i) for i, r in enumerate(requests)]
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        context = kedit.EditContext(stats=InMemoryCovariance(moments), progress=True, seed=0)
+        result, seconds = timed(kedit.compute_edit, model, requests, "memit", layers=layers, v_num_grad_steps=25,
+                                v_loss_layer=27, mom2_update_weight=15000, context=context)
+        run = {"requests": n, "seconds_total": seconds, "seconds_per_phase": result.timings,
+               "value_speedup_vs_one_at_a_time": out["one_at_a_time_seconds_per_request"] * n
+               / result.timings["values"]}
+        if device.startswith("cuda"):
+            run["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["runs"].append(run)
+        del result
+        args.write(out)
     return out
 
 
@@ -212,6 +242,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-values", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="the GPT-J-shaped bf16 CUDA benchmark instead")
     parser.add_argument("--gpu-requests", default="1000,10000")
+    parser.add_argument("--device", default="cuda", help="device of the --gpu benchmark")
+    parser.add_argument("--smoke", action="store_true", help="--gpu at a CPU-sized width (checks the code path)")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -219,12 +251,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cpu_count": os.cpu_count(), "ops": {op: ops.implementation(op, "cpu").implementation
+               "cpu_count": os.cpu_count(), "ops": {op: ops.implementation(op, args.device if args.gpu else "cpu").implementation
                                                     for op in ("spd_factor", "spd_woodbury_solve", "spd_solve")}}
     if args.gpu:
         args.gpu_requests = [int(x) for x in args.gpu_requests.split(",")]
-        result = {"machine": machine, **bench_gpu(args)}
-        (out / "bench_editors_gpu.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        target = out / ("bench_editors_gpu_smoke.json" if args.smoke else "bench_editors_gpu.json")
+        args.write = lambda partial: target.write_text(json.dumps({"machine": machine, **partial}, indent=2,
+                                                                   default=str) + "\n")
+        result = bench_gpu(args)
+        print(f"one at a time (published loop): {result['one_at_a_time_seconds_per_request']:.2f}s per request "
+              f"({result['one_at_a_time_measured_requests']} timed)")
         for run in result["runs"]:
             print(f"GPU {run['requests']:>6} requests: total {run['seconds_total']:.1f}s  "
                   + "  ".join(f"{k} {v:.1f}s" for k, v in run["seconds_per_phase"].items())

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU checks of a session that has a CUDA machine: build kedit's CUDA ops, run the CUDA tests and
+# the GPU benchmarks. Each stage is named on the command line and appends to $OUT/session.log:
+#
+#   OUT=/tmp/gpu bash bench/gpu_session.sh build tests stats eval editors-smoke
+#   OUT=/tmp/gpu GPU_REQUESTS=1000 bash bench/gpu_session.sh build editors
+#
+# Nothing is installed from a registry: kedit is installed editable without dependencies into the
+# machine's Python, whose torch must be a CUDA build (the ops are built for the GPU it finds).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu}
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MAX_JOBS=${MAX_JOBS:-16}
+PY=${PYTHON:-python3}
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  export TORCH_CUDA_ARCH_LIST
+fi
+
+stage() { echo; echo "::: $1 ($(date -u +%H:%M:%S))"; }
+
+run_stage() {
+  case "$1" in
+    build)
+      stage "build kedit_core._C (CUDA arch $TORCH_CUDA_ARCH_LIST)"
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+      $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+      $PY -m pip install --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3
+      $PY -c "import torch, kedit_core; from kedit_core import _ext, ops
+print('ext:', _ext.status())
+for op in ('cov_accumulate_', 'gather_segment_sum', 'spd_factor', 'spd_solve', 'spd_woodbury_solve'):
+    print(op, ops.implementation(op, 'cuda').implementation)" ;;
+    tests)
+      stage "CUDA tests"
+      $PY -m pytest -q -rs -p no:cacheprovider tests/ops tests/stats ;;
+    stats)
+      stage "bench_stats (bf16, op and pass)"
+      $PY bench/bench_stats.py --device cuda --dtype bfloat16 --out "$OUT/stats-cuda.json" ;;
+    eval)
+      stage "bench_eval (300 records, fp32 and bf16)"
+      $PY bench/bench_eval.py --device cuda --records 300 --batch-tokens 2048,8192,32768
+      $PY bench/bench_eval.py --device cuda --dtype bfloat16 --records 300 --batch-tokens 8192,32768 ;;
+    editors-smoke)
+      stage "bench_editors --gpu, 100 requests (path check and rough speed)"
+      $PY bench/bench_editors.py --gpu --gpu-requests 100 --reference-sample 5 --out "$OUT/smoke" ;;
+    editors)
+      stage "bench_editors --gpu, ${GPU_REQUESTS:-1000} requests"
+      $PY bench/bench_editors.py --gpu --gpu-requests "${GPU_REQUESTS:-1000}" --reference-sample 10 --out "$OUT" ;;
+    *) echo "unknown stage $1" >&2; return 2 ;;
+  esac
+}
+
+status=0
+for name in "$@"; do
+  run_stage "$name" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  echo "::: $name exit $rc" | tee -a "$LOG"
+  [ "$rc" -eq 0 ] || status=$rc
+  if [ "$name" = build ] && [ "$rc" -ne 0 ]; then exit "$rc"; fi
+done
+exit $status
