@@ -319,7 +319,7 @@ def main(argv=None) -> int:
         with timed_accumulation(kedit_clock):
             result, t_kedit = timed(kedit_way, model, docs, layers, args.batch_tokens)
         assert result.count == ref_tokens, (result.count, ref_tokens)
-        worst = max(float((result.moment(l) - ref_moments[l].double()).norm() / result.moment(l).norm())
+        worst = max(float((result.moment(l).cpu() - ref_moments[l].double().cpu()).norm() / result.moment(l).cpu().norm())
                     for l in layers)
         e2e = {"tokens": ref_tokens,
                "reference": {"seconds": t_ref, "tokens_per_second": ref_tokens / t_ref,

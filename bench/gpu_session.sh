@@ -14,6 +14,10 @@ mkdir -p "$OUT"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
+# Build with the system compiler when there is one. On the lent H200 image, CC/CXX point at a g++
+# wrapper (/opt/gcc) whose builds crash (SIGSEGV) whenever an op throws (every TORCH_CHECK on bad
+# input); the same GCC 13.3 from /usr/bin builds ops that raise RuntimeError as they should.
+if [ -x /usr/bin/g++ ] && [ -z "${KEDIT_KEEP_CXX:-}" ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
   export TORCH_CUDA_ARCH_LIST
@@ -27,7 +31,10 @@ run_stage() {
       stage "build kedit_core._C (CUDA arch $TORCH_CUDA_ARCH_LIST)"
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
       $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-      $PY -m pip install --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3
+      if ! $PY -m pip install -v --no-index --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
+        grep -n -i -B2 -A8 "error" "$OUT/build.log" | head -150; tail -40 "$OUT/build.log"; return 1
+      fi
+      tail -2 "$OUT/build.log"
       $PY -c "import torch, kedit_core; from kedit_core import _ext, ops
 print('ext:', _ext.status())
 for op in ('cov_accumulate_', 'gather_segment_sum', 'spd_factor', 'spd_solve', 'spd_woodbury_solve'):

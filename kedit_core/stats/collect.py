@@ -40,7 +40,7 @@ from ..tracing import TraceDict
 from .corpus import Corpus, open_corpus
 
 __all__ = ["SecondMoments", "collect_second_moments", "default_batch_tokens", "distributed_info",
-           "init_distributed", "tokenizer_fingerprint", "CHECKPOINT_FORMAT"]
+           "init_distributed", "distributed_device", "tokenizer_fingerprint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "kedit-stats-partial/1"
 _TOKENIZE_GROUP = 256  # documents per tokenizer call
@@ -93,17 +93,32 @@ def distributed_info() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> bool:
+def distributed_device(device: str = "auto") -> str:
+    """The device of this ``torchrun`` rank: ``device`` when given; for ``"auto"``, the rank's own GPU
+    (``cuda:LOCAL_RANK``) when the machine has a GPU for every local rank, else the CPU (two ranks never
+    share a GPU: NCCL refuses that)."""
+    if device != "auto":
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    if torch.cuda.is_available() and local_ranks <= torch.cuda.device_count():  # the same choice on every rank
+        return f"cuda:{local_rank}"
+    return "cpu"
+
+
+def init_distributed(device: str = "auto") -> bool:
     """Initialise ``torch.distributed`` from ``torchrun``'s environment (``WORLD_SIZE`` > 1): NCCL when
-    CUDA is available, otherwise gloo. Returns whether a multi-process group is active."""
+    this rank runs on its own GPU (:func:`distributed_device`), otherwise gloo. Returns whether a
+    multi-process group is active."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        rank_device = torch.device(distributed_device(device))
+        backend = "nccl" if rank_device.type == "cuda" else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(rank_device)
         dist.init_process_group(backend)
     return dist.get_world_size() > 1
 

@@ -48,22 +48,16 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import os
-
-    import torch
-
     from ...models import load_model
     from ...stats.cli_args import cached_source_from_args
-    from ...stats.collect import distributed_info, init_distributed
+    from ...stats.collect import distributed_device, distributed_info, init_distributed
 
     if not args.corpus:
         raise KeditError("kedit stats needs --corpus (a text or JSONL file, or hf:NAME)")
     layers = _layers(args.layers)
-    distributed = init_distributed()
+    distributed = init_distributed(args.device)
     try:
-        device = args.device
-        if distributed and device == "auto":
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        device = distributed_device(args.device) if distributed else args.device
         model = load_model(args.model, dtype=args.dtype, device=device)
         source = cached_source_from_args(args, progress=not args.no_progress)
         source.prepare(model, layers)
