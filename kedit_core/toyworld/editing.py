@@ -28,14 +28,16 @@ __all__ = ["EditBars", "edit_and_measure", "toy_statistics", "HEADLINE"]
 HEADLINE = ("ES", "PS", "NS", "Score")
 
 
-def toy_statistics(world: World, stats_dir: str | Path | bool | None = None, *, progress: bool = False):
+def toy_statistics(world: World, stats_dir: str | Path | bool | None = None, *, progress: bool = False,
+                   **corpus_options):
     """C0 for a toy model: a :class:`~kedit_core.stats.CachedCovariance` over the world's generic
-    statistics corpus (every subject stated and mentioned, plus filler), cached in ``stats_dir``
-    (default: kedit's statistics cache; ``False``: in memory only)."""
+    statistics corpus (every subject stated and mentioned, plus filler; ``corpus_options`` go to
+    :func:`~kedit_core.toyworld.corpus.statistics_corpus`), cached in ``stats_dir`` (default: kedit's
+    statistics cache; ``False``: in memory only)."""
     from ..stats import CachedCovariance
     from .corpus import statistics_corpus
 
-    return CachedCovariance(statistics_corpus(world), stats_dir, progress=progress)
+    return CachedCovariance(statistics_corpus(world, **corpus_options), stats_dir, progress=progress)
 
 
 def edit_and_measure(model, world: World, method: str, num_edits: int, *, seed: int = 0, record_seed: int = 0,

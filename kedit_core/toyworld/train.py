@@ -193,15 +193,17 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def train_model(world: World, cfg: TrainConfig | None = None, *, progress: bool = True,
-                log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train a fresh model on ``world`` (seeded by ``cfg.seed``) and measure its recall."""
+                log: Callable[[str], None] | None = None, device: str | torch.device = "cpu") -> TrainResult:
+    """Train a fresh model on ``world`` (seeded by ``cfg.seed``) and measure its recall. The model is
+    initialised on the CPU (the same weights on every device) and trained on ``device``; the data order
+    does not depend on the device, the arithmetic does (a CUDA run is not bit-identical to a CPU run)."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     cfg = cfg or TrainConfig()
     tokenizer = build_tokenizer(world, model_max_length=cfg.context_length)
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_config(model_config(cfg, tokenizer))
+    model = AutoModelForCausalLM.from_config(model_config(cfg, tokenizer)).to(device)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -216,7 +218,7 @@ def train_model(world: World, cfg: TrainConfig | None = None, *, progress: bool 
         lr = _lr_at(step, cfg)
         for group in optim.param_groups:
             group["lr"] = lr
-        loss = model(**stream.batch(step)).loss
+        loss = model(**{k: v.to(device) for k, v in stream.batch(step).items()}).loss
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -38,6 +38,8 @@ def add_arguments(parser) -> None:
                        help="any other training setting (see TrainConfig), e.g. --set lr=0.002; repeatable")
     train.add_argument("--eval-every", type=int, help="measure recall every N steps and log it")
     train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--device", default="cpu", help="where to train (cpu, cuda, cuda:1; default cpu, whose "
+                                                        "run the committed checkpoint is)")
     train.add_argument("--min-recall", type=float, default=0.98,
                        help="exit with status 1 if recall under any template is below this (default 0.98)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -85,7 +87,8 @@ def _train(args) -> int:
     summary = world.summary()
     print(f"world: {summary['subjects']} subjects, {summary['facts']} facts, {summary['templates']} templates, "
           f"{summary['vocabulary_words']} words", file=sys.stderr)
-    result = tw.train_model(world, cfg, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+    result = tw.train_model(world, cfg, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
+                            device=args.device)
     command = "kedit toyworld " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
     out = tw.save_checkpoint(result, args.out, command=command)
     rid, template, worst = result.recall.worst
