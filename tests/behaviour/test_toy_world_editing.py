@@ -34,9 +34,10 @@ def record(outcome: dict, name: str) -> dict:
 
 
 # Measured on the committed toy model (layers 0-2, lambda 300; see plugins/memit/hparams/kedit-toy.json):
-# ES 94.5, PS 88.3, NS 67.9, recall of the 1000 untouched facts 99.9 -> 24.9. Edits leak to other
-# subjects; no layer/lambda setting we swept clears ES and NS/recall together (the closing note of
-# issue 5 has the sweep). Strict: the day the bars are met, this xfail turns into a failure to remove.
+# ES 94.5, PS 88.3, NS 67.9, recall of the 1000 untouched facts 99.9 -> 24.9. The lost facts mostly
+# turn into the edits' new objects of the same relation (a relation-wide bias). No model shape, C0
+# corpus, layer set or lambda swept (49 runs, bench/results/toy_sweep/) clears ES and recall together.
+# Strict: the day the bars are met, this xfail turns into a failure to remove.
 @pytest.mark.xfail(strict=True, reason="toy-model MEMIT at 200 edits: NS 67.9 < 80 and recall drop 75 > 5")
 def test_memit_200_edits(toy, world, stats):
     outcome = record(edit_and_measure(toy, world, "memit", 200, stats=stats), "memit_200")
@@ -44,14 +45,19 @@ def test_memit_200_edits(toy, world, stats):
     assert MEMIT_BARS.failures(outcome) == []
 
 
-# Measured (layer 2): ES 90.0, PS 92.5, NS 54.6, untouched recall 99.9 -> 68.9.
+# Measured (layer 2): ES 90.0, PS 92.5, NS 54.6, untouched recall 99.9 -> 68.9. Other toy shapes do meet
+# these bars (bench/results/toy_sweep/: 5 of 28 ROME runs, e.g. 4 layers x d_ff 1536 at layer 2, whose
+# worst-template recall is 97.5 < 98); none meets the MEMIT bars, so the committed model was kept.
 @pytest.mark.xfail(strict=True, reason="toy-model ROME, 10 sequential edits: NS 54.6 < 80")
 def test_rome_10_sequential_edits(toy, world, stats):
     outcome = record(edit_and_measure(toy, world, "rome", 10, stats=stats), "rome_10")
     assert ROME_BARS.failures(outcome) == []
 
 
+# Measured 2026-11-23 (2m47s on 2 idle cores): 10 edits ES 100 NS 79.2 (recall 99.9 -> 94.5); 100 edits
+# ES 100 NS 74.1 (-> 41.8); 1000 edits ES 70.7 PS 63.6 NS 66.2 (recall of the 200 untouched -> 12.1).
 @pytest.mark.slow   # 1,110 edits and their evaluation: several minutes on 2 cores
+@pytest.mark.xfail(strict=True, reason="toy-model MEMIT at 1000 edits: ES 70.7 < 90")
 def test_memit_scaling(toy, world, stats):
     outcomes = [record(edit_and_measure(toy, world, "memit", n, stats=stats), f"memit_scaling_{n}")
                 for n in (10, 100, 1000)]
