@@ -154,3 +154,18 @@ def test_kedit_stats_command_computes_then_reuses(tmp_path, corpus_file, capsys)
     assert "needs --corpus" in capsys.readouterr().err
     assert main(["stats", "--model", str(model_dir), "--layers", "1,x", "--corpus", str(corpus_file)]) == 2
     assert "expected layer numbers" in capsys.readouterr().err
+
+
+def test_torchrun_ranks_take_gpus_only_when_each_has_its_own(monkeypatch):
+    # Two ranks on a one-GPU machine must not both take cuda:0 (NCCL refuses a shared GPU): all go to the CPU.
+    from kedit_core.stats.collect import distributed_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        assert distributed_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed_device("auto") == "cuda:1"
+    assert distributed_device("cpu") == "cpu"   # an explicit device is kept
