@@ -16,6 +16,16 @@ has_cuda = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not has_cuda, reason="needs a CUDA device")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module: its models are tiny, and on a shared 2-core machine a
+    second thread costs more than it gains."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA

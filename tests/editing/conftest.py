@@ -21,12 +21,8 @@ TINY_SETTINGS = {"clamp_norm_factor": 4.0, "v_weight_decay": 1e-3, "mom2_update_
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: a second intra-op thread costs far more than it gains.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Every module here runs on one intra-op thread (``one_thread`` in tests/conftest.py)."""
 
 
 def requests_for_tests() -> list[EditRequest]:
