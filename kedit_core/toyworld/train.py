@@ -42,7 +42,7 @@ class TrainConfig(HyperParams):
     """Model shape and optimisation settings for the toy model (defaults: the committed checkpoint)."""
 
     family: Literal["gpt2", "llama"] = "gpt2"
-    num_layers: int = 6
+    num_layers: int = 4
     hidden_size: int = 128
     num_heads: int = 4
     mlp_ratio: int = 4                  # d_ff = mlp_ratio * hidden_size
@@ -50,7 +50,7 @@ class TrainConfig(HyperParams):
     tie_embeddings: bool = True
     seq_len: int = 64                   # training row length (tokens)
     batch_size: int = 32                # rows per step
-    steps: int = 500
+    steps: int = 1200
     lr: float = 3e-3
     min_lr_ratio: float = 0.05          # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 40
