@@ -8,6 +8,7 @@ Applying and reverting are the core's job.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,11 @@ class EditContext:
     context_templates: list[list[str]] | None = None
     log: Callable[[str], None] | None = None
     options: dict = field(default_factory=dict)
+    # Where long phases keep what they finished (batched value optimisation, per batch of requests),
+    # so the same edit run again with the same directory resumes instead of starting over.
+    work_dir: str | Path | None = None
+    # The base model's fingerprint (compute_edit fills it in; it keys what work_dir holds).
+    base_fingerprint: str | None = None
 
     def say(self, message: str) -> None:
         if self.log is not None:
@@ -147,6 +153,8 @@ def compute_edit(model: LoadedModel, requests: Sequence[EditRequest], method: st
     hp = resolve_hparams(editor_cls, model, hparams, **overrides)
     context = context or EditContext()
     before = model.fingerprint()
+    if context.base_fingerprint is None:
+        context = dataclasses.replace(context, base_fingerprint=before)
     start = time.perf_counter()
     result = editor_cls(hp).compute(model, requests, context)
     total = time.perf_counter() - start

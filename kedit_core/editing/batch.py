@@ -31,7 +31,7 @@ from .keys import Capture, collect, group_mean_weights, rows_with_bare_prompts
 from .rows import value_rows
 from .solvers import CovarianceFactors
 from .templates import MEMIT_RECIPE, flatten_templates, resolve_context_templates
-from .values import Injection, ValueSettings, optimise_values_batched, optimise_values_reference
+from .values import Injection, ValueSettings, ValueStore, optimise_values_batched, optimise_values_reference
 
 __all__ = ["compute_batch_edit", "covariance_factors", "value_settings", "delta_dtype", "warn_conflicts"]
 
@@ -94,8 +94,18 @@ def compute_batch_edit(model, requests: Sequence[EditRequest], hp: LocateEditHPa
         rows, target_lengths = value_rows(tok, requests, templates, fact_token=hp.fact_token, rule=rule,
                                           tokenization="reference" if hp.reference else "kedit")
         injection = Injection(layer=z_layer, site="block", nll_layer=hp.loss_layer(model, z_layer))
-        optimise = optimise_values_reference if hp.reference else optimise_values_batched
-        values = optimise(model, rows, target_lengths, value_settings(hp), injection, progress=context.progress)
+        if hp.reference:
+            values = optimise_values_reference(model, rows, target_lengths, value_settings(hp), injection,
+                                               progress=context.progress)
+        else:
+            store = None
+            if context.work_dir is not None:
+                store = ValueStore(context.work_dir, context.base_fingerprint or model.fingerprint())
+            values = optimise_values_batched(model, rows, target_lengths, value_settings(hp), injection,
+                                             progress=context.progress, store=store)
+            if store is not None and store.loaded:
+                context.say(f"resumed: {store.loaded} batch(es) of values loaded from {store.directory}, "
+                            f"{store.saved} computed")
     z = values.target.to(model.device)
 
     krows, bare = rows_with_bare_prompts(tok, requests, templates, fact_token=hp.fact_token, rule=rule)

@@ -83,3 +83,13 @@ def test_parse_layers():
     assert parse_layers("3,4,5") == [3, 4, 5] and parse_layers("3-5,8") == [3, 4, 5, 8]
     with pytest.raises(KeditError, match="--layers"):
         parse_layers("a")
+
+
+def test_work_dir_keeps_the_values_and_a_rerun_gives_the_same_file(workdir, capsys):
+    work, first, second = workdir / "work", workdir / "w1.safetensors", workdir / "w2.safetensors"
+    assert main(args(workdir, "--work-dir", str(work), "--save-deltas", str(first))) == 0
+    assert len(list(work.glob("values-*.pt"))) == 1          # 2 requests: one batch of values
+    capsys.readouterr()
+    assert main(args(workdir, "--work-dir", str(work), "--save-deltas", str(second))) == 0
+    assert "resumed: 1 batch(es) of values loaded" in capsys.readouterr().err
+    assert first.read_bytes() == second.read_bytes()

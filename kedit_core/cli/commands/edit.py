@@ -52,6 +52,9 @@ def add_arguments(parser) -> None:
                         help='JSON list of template groups, e.g. [["{}"], ["The sky. {}", "Because of this. {}"]]; '
                              "default: sampled from the model with --seed")
     parser.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    parser.add_argument("--work-dir", metavar="DIR",
+                        help="keep each finished batch of value optimisation here, so an interrupted run of the "
+                             "same edit resumes (MEMIT/EMMET fast mode)")
     parser.add_argument("--save-deltas", metavar="OUT.safetensors", help="write the deltas here")
     parser.add_argument("--save-model", metavar="DIR", help="write the edited model (transformers checkpoint) here")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -149,7 +152,7 @@ def run(args) -> int:
         print(f"kedit: {message}", file=sys.stderr)
 
     context = EditContext(seed=args.seed, progress=not args.no_progress, stats=stats, context_templates=templates,
-                          log=log)
+                          log=log, work_dir=args.work_dir)
     start = time.perf_counter()
     result = compute_edit(model, requests, editor_cls, args.hparams, context=context, **overrides)
     summary = summarize(result, model, requests, time.perf_counter() - start)
