@@ -14,9 +14,14 @@ CPU part (what ``python bench/bench_editors.py`` runs):
    from C0's cached factor, at d_k = 3072 (GPT-2 small) and 6400 (GPT-2 XL). The one-off factorisation is
    reported separately.
 
-GPU part (``--gpu``; needs CUDA, NOT RUN in the session that wrote this file, which had no GPU): a
-GPT-J-shaped random model (28 layers, d = 4096, d_ff = 16384) in bfloat16, MEMIT layers 3-8 with 1,000
-and 10,000 requests, seconds per phase, plus the one-at-a-time loop on a sample for the ratio.
+GPU part (``--gpu``; needs CUDA): a GPT-J-shaped random model (28 layers, d = 4096, d_ff = 16384) in
+bfloat16, MEMIT layers 3-8 with 1,000 and 10,000 requests, seconds per phase, plus the one-at-a-time loop
+on a sample for the ratio.
+
+Arithmetic (``--flops``): how much of a speed-up is there to have at all? Counts the floating-point
+operations both value paths execute (``torch.utils.flop_counter``, forward and backward, on
+``--flops-requests`` requests of the CPU setup) and the solves' operation counts from their formulas,
+so a measured ratio can be read against the ratio of work done (bench_editors_cpu_flops.json).
 
 Results: JSON (and a PNG of the CPU timings) under ``bench/results/``. Wall-clock timings taken on a
 machine shared with other jobs are noisy; the ratios are what to compare.
@@ -105,6 +110,44 @@ def bench_values(args) -> dict:
         "steps_taken": {"batched_mean": statistics.mean(batched.steps),
                         "one_at_a_time_mean": statistics.mean(reference.steps)},
     }
+
+
+def count_flops(fn, *args, **kwargs) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+def bench_flops(args) -> dict:
+    """Operations executed by each value path (the same requests, so the same trajectories) and the
+    solves' operation counts; the published/kedit ratios bound what any implementation of the same
+    arithmetic can gain at equal efficiency."""
+    model = random_model("gpt2", 12, 768, 50257, torch.float32, "cpu")
+    requests = load_requests(COUNTERFACT, limit=args.flops_requests)
+    groups = generate_context_templates(model, MEMIT_RECIPE, seed=0)
+    rows, lengths = value_rows(model.tokenizer, requests, flatten_templates(groups), fact_token="subject_last",
+                               rule="offsets")
+    injection = Injection(layer=7, site="block", nll_layer=11)
+    settings = ValueSettings(**{**PUBLISHED.__dict__, "batch_requests": len(requests)})
+    published = count_flops(optimise_values_reference, model, rows, lengths, PUBLISHED, injection)
+    batched = count_flops(optimise_values_batched, model, rows, lengths, settings, injection)
+    solves = []
+    for d_k in (int(x) for x in args.solve_sizes.split(",")):
+        n = args.solve_n
+        # torch.linalg.solve(λC0 + KKᵀ, K): KKᵀ, LU (2/3 d³), forward+back substitution with N right-hand sides.
+        fresh_lu = 2 * d_k * d_k * n + 2 * d_k ** 3 / 3 + 2 * d_k * d_k * n
+        # spd_woodbury_solve: two triangular solves (d² N each), ZᵀZ (2 d N²), the N x N Cholesky (N³/3)
+        # and its solve applied to d right-hand sides (2 N² d).
+        woodbury = 2 * d_k * d_k * n + 2 * d_k * n * n + n ** 3 / 3 + 2 * n * n * d_k
+        solves.append({"d_k": d_k, "N": n, "fresh_lu_flops": fresh_lu, "woodbury_flops": woodbury,
+                       "flop_ratio": fresh_lu / woodbury})
+    return {"values": {"requests": len(requests), "published_flops": published, "batched_flops": batched,
+                       "flop_ratio": published / batched,
+                       "published_gflops_per_request": published / len(requests) / 1e9,
+                       "batched_gflops_per_request": batched / len(requests) / 1e9},
+            "solves": solves}
 
 
 def bench_solve(d_k: int, n: int, repeats: int) -> dict:
@@ -240,6 +283,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--skip-values", action="store_true")
+    parser.add_argument("--flops", action="store_true", help="count operations instead of timing (see docstring)")
+    parser.add_argument("--flops-requests", type=int, default=4)
     parser.add_argument("--gpu", action="store_true", help="the GPT-J-shaped bf16 CUDA benchmark instead")
     parser.add_argument("--gpu-requests", default="1000,10000")
     parser.add_argument("--device", default="cuda", help="device of the --gpu benchmark")
@@ -265,6 +310,24 @@ def main(argv=None) -> int:
             print(f"GPU {run['requests']:>6} requests: total {run['seconds_total']:.1f}s  "
                   + "  ".join(f"{k} {v:.1f}s" for k, v in run["seconds_per_phase"].items())
                   + f"  values vs one-at-a-time {run['value_speedup_vs_one_at_a_time']:.1f}x")
+        return 0
+    if args.flops:
+        result = bench_flops(args)
+        (out / "bench_editors_cpu_flops.json").write_text(json.dumps({"machine": machine, **result}, indent=2) + "\n")
+        timed_path = out / "bench_editors_cpu.json"
+        timed = json.loads(timed_path.read_text()) if timed_path.exists() else {}
+        v = result["values"]
+        print(f"{'operations':<48s} {'published':>12s} {'kedit':>12s} {'ratio':>8s} {'timed ratio':>12s}")
+        measured = timed.get("values", {}).get("speedup")
+        print(f"{'values, GFLOP per request (%d counted)' % v['requests']:<48s} "
+              f"{v['published_gflops_per_request']:>12.0f} {v['batched_gflops_per_request']:>12.0f} "
+              f"{v['flop_ratio']:>7.1f}x {'' if measured is None else '%11.1fx' % measured}")
+        timed_solves = {t["d_k"]: t for t in timed.get("solves", [])}
+        for sv in result["solves"]:
+            t = timed_solves.get(sv["d_k"])
+            print(f"{'solve d_k=%d N=%d, GFLOP (fresh LU vs Woodbury)' % (sv['d_k'], sv['N']):<48s} "
+                  f"{sv['fresh_lu_flops'] / 1e9:>12.2f} {sv['woodbury_flops'] / 1e9:>12.2f} {sv['flop_ratio']:>7.1f}x "
+                  f"{'' if t is None else '%11.1fx' % t['speedup_vs_lu']}")
         return 0
     result = {"machine": machine, "solves": []}
     if not args.skip_values:

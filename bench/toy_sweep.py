@@ -8,6 +8,8 @@ measurement is appended to ``<out>/toy_sweep.json`` at once (a long sweep keeps 
 the shapes, seeds and settings; a PNG summarises ES against recall drop.
 
     python bench/toy_sweep.py --device cuda --out /tmp/sweep
+    python bench/toy_sweep.py --model toy --rome '[[1]]'          # no training: the committed toy model
+    python bench/toy_sweep.py --world '{"relations_per_subject": 1}' --shapes '[{"num_layers": 6, "steps": 500}]'
     python bench/toy_sweep.py --shapes '[{"mlp_ratio": 8}]' --memit '[[[0,1,2], 300]]' --rome '[]'
 """
 from __future__ import annotations
@@ -63,6 +65,9 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--world", default="{}", help="JSON WorldConfig overrides for the trained models' world")
+    parser.add_argument("--model", metavar="DIR_OR_toy",
+                        help="sweep the editors on this trained toy checkpoint (its own world) instead of training")
     parser.add_argument("--shapes", default=json.dumps(DEFAULT_SHAPES), help="JSON list of TrainConfig overrides")
     parser.add_argument("--memit", default=json.dumps(DEFAULT_MEMIT), help="JSON list of [layers, lambda]")
     parser.add_argument("--rome", default=json.dumps(DEFAULT_ROME), help="JSON list of [layer]")
@@ -82,7 +87,10 @@ def main(argv=None) -> int:
         merged = {"runs": [r for f in args.plot_only for r in json.loads(f.read_text())["runs"]]}
         plot(merged, args.out / "toy_sweep.png")
         return 0
-    world = build_world()
+    from kedit_core.toyworld import checkpoint_dir, checkpoint_metadata, load_world
+
+    model_dir = None if args.model is None else (checkpoint_dir() if args.model == "toy" else args.model)
+    world = load_world(model_dir) if model_dir else build_world(**json.loads(args.world))
     memit_bars, rome_bars = EditBars(es=95, ps=80, ns=80, max_recall_drop=5), EditBars(es=90, ns=80)
     results = {"device": args.device, "torch": torch.__version__, "world": world.summary(),
                "memit_edits": args.memit_edits, "rome_edits": args.rome_edits, "runs": []}
@@ -91,16 +99,25 @@ def main(argv=None) -> int:
         (args.out / "toy_sweep.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
         plot(results, args.out / "toy_sweep.png")
 
-    for shape in json.loads(args.shapes):
-        cfg = TrainConfig().replace(**shape)
-        trained = train_model(world, cfg, progress=False, device=args.device)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(trained, Path(tmp) / "model")
-            model = kedit.load_model(Path(tmp) / "model", device=args.device, dtype=torch.float32)
-        model_info = {"shape": shape, "train": trained.info, "recall": trained.recall.overall,
-                      "worst_template": trained.recall.worst[2]}
-        print(f"shape {shape}: recall {trained.recall.overall:.4f} (worst {trained.recall.worst[2]:.4f}), "
-              f"{trained.info['parameters']} parameters, {trained.info['train_seconds']} s", flush=True)
+    for shape in json.loads(args.shapes) if model_dir is None else [None]:
+        if model_dir is None:
+            cfg = TrainConfig().replace(**shape)
+            trained = train_model(world, cfg, progress=False, device=args.device)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(trained, Path(tmp) / "model")
+                model = kedit.load_model(Path(tmp) / "model", device=args.device, dtype=torch.float32)
+            model_info = {"shape": shape, "world": world.config.to_dict(), "train": trained.info,
+                          "recall": trained.recall.overall, "worst_template": trained.recall.worst[2]}
+        else:
+            meta = checkpoint_metadata(model_dir)
+            cfg = TrainConfig.from_dict(meta["train"])
+            model = kedit.load_model(model_dir, device=args.device, dtype=torch.float32)
+            model_info = {"checkpoint": str(args.model), "world": meta["world"], "train": meta["info"],
+                          "recall": meta["recall"]["overall"],
+                          "worst_template": meta["recall"]["worst_template"]["recall"]}
+        print(f"model {model_info.get('shape', model_info.get('checkpoint'))}: recall {model_info['recall']:.4f} "
+              f"(worst {model_info['worst_template']:.4f}), {model_info['train']['parameters']} parameters",
+              flush=True)
         last = cfg.num_layers - 1
         for corpus in json.loads(args.corpora):
             stats = toy_statistics(world, False, **corpus)
