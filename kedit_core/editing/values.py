@@ -57,7 +57,7 @@ class ValueSettings:
     stop_when_most_probable: bool = False
     batch_requests: int = 256      # requests optimised together (memory bound)
     reuse_prefix: bool = True      # compute only the positions from each row's fact token on, above the replay
-    max_buckets: int = 8           # rows are grouped by fact-token position into at most this many forwards
+    max_buckets: int = 8           # rows are grouped by positions to compute into at most this many forwards
     min_bucket_rows: int = 64      # ... each of at least this many rows
 
 
@@ -204,12 +204,12 @@ def optimise_values_batched(model, rows: TokenRows, target_lengths: Sequence[int
                        final_loss=[x for r in results for x in r.final_loss])
 
 
-def _buckets(lookup: torch.Tensor, max_buckets: int) -> list[tuple[torch.Tensor, int]]:
-    """Rows grouped by fact-token position: contiguous groups of the rows sorted by position, each with
-    its split point ``P`` (the smallest position in the group)."""
-    order = torch.argsort(lookup.cpu(), stable=True)
-    groups = [g for g in torch.tensor_split(order, min(max_buckets, len(order))) if g.numel()]
-    return [(g.to(lookup.device), int(lookup[g].min())) for g in groups]
+def _buckets(need: torch.Tensor, max_buckets: int) -> list[torch.Tensor]:
+    """Rows grouped for the per-step forwards: contiguous groups of the rows sorted by ``need`` (the
+    positions each must compute, from its own split to its end), so rows padded together need about
+    as many positions."""
+    order = torch.argsort(need.cpu(), stable=True)
+    return [g.to(need.device) for g in torch.tensor_split(order, min(max_buckets, len(order))) if g.numel()]
 
 
 def _prefix_cache(snapshot, rows: torch.Tensor):
@@ -218,6 +218,24 @@ def _prefix_cache(snapshot, rows: torch.Tensor):
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in snapshot])
+
+
+def _left_aligned(t: torch.Tensor, split: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Positions ``[0, split[b])`` of row ``b`` of ``t`` (positions along ``dim``; rows along 0) moved to
+    the end of a ``width``-long axis; the positions before them are filler (masked out by the caller)."""
+    idx = (torch.arange(width, device=t.device).unsqueeze(0) - (width - split).unsqueeze(1)).clamp_min(0)
+    shape = [t.shape[0]] + [1] * (t.dim() - 1)
+    shape[dim] = width
+    idx = idx.reshape(shape).expand(*[t.shape[i] if i != dim else width for i in range(t.dim())])
+    return t.gather(dim, idx)
+
+
+def _from_split(t: torch.Tensor, split: torch.Tensor, width: int) -> torch.Tensor:
+    """Positions ``[split[b], split[b] + width)`` of each row ``b`` of ``t`` ``[B, T, ...]`` (clamped at the
+    end; the caller masks what lies past a row's length)."""
+    idx = (split.unsqueeze(1) + torch.arange(width, device=t.device).unsqueeze(0)).clamp_max(t.shape[1] - 1)
+    idx = idx.reshape(idx.shape + (1,) * (t.dim() - 2)).expand((t.shape[0], width) + tuple(t.shape[2:]))
+    return t.gather(1, idx)
 
 
 def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths, settings: ValueSettings,
@@ -259,39 +277,53 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
 
     # One pass without δ, bucket by bucket: the output of the last replayed block (the blocks up to it
     # never run again), h_init at the injection site, and the keys/values of the layers above it at the
-    # positions before each bucket's split (they never change: later steps start at the split).
+    # positions before each row's fact token (they never change). Later steps run each row only from its
+    # fact token on: its prefix keys/values are left-padded to the bucket's longest prefix, so the fact
+    # tokens of all rows line up, and position ids keep every token's true position.
+    lengths = batch.attention_mask.sum(1)
+    row_split = batch.lookup if reuse_prefix else torch.zeros_like(batch.lookup)
     n_buckets = max(1, min(settings.max_buckets, len(chunk_rows) // settings.min_bucket_rows))
-    plan = (_buckets(batch.lookup, n_buckets) if reuse_prefix
-            else [(torch.arange(len(chunk_rows), device=device), 0)])
+    plan = _buckets(lengths - row_split, n_buckets)
     names = [site] + ([adapter.layer_name(replay_layer)] if replay_layer >= 0 else [])
     init = torch.zeros(n, adapter.hidden_size, dtype=acc, device=device)
-    replay_hidden, cached, buckets = None, None, []
-    for bucket_rows, split in plan:
-        cache = DynamicCache() if split > 0 else None
+    cached, buckets = None, []
+    for bucket_rows in plan:
+        split = row_split[bucket_rows]
+        prefix, width = int(split.max()), int((lengths[bucket_rows] - split).max())
+        end_col = int(lengths[bucket_rows].max())
+        cache = DynamicCache() if prefix > 0 else None
         with torch.no_grad(), TraceDict(model.model, names, retain_output=True, stop_after=last_name) as td:
-            model.model(input_ids=batch.input_ids[bucket_rows], attention_mask=batch.attention_mask[bucket_rows],
+            model.model(input_ids=batch.input_ids[bucket_rows, :end_col],
+                        attention_mask=batch.attention_mask[bucket_rows, :end_col],
                         past_key_values=cache, use_cache=cache is not None)
         local = torch.full((len(chunk_rows),), -1, dtype=torch.long, device=device)
         local[bucket_rows] = torch.arange(bucket_rows.numel(), device=device)
         mine = torch.nonzero(local[first_row] >= 0).reshape(-1)  # requests whose bare prompt is here
         site_out = primary(td[site].output)
         init[mine] = site_out[local[first_row[mine]], batch.lookup[first_row[mine]]].to(acc)
+        replay_hidden = None
         if replay_layer >= 0:
             block_out = primary(td[names[-1]].output)
-            if replay_hidden is None:
-                replay_hidden = block_out.new_empty((len(chunk_rows),) + tuple(block_out.shape[1:]))
-                cached = BlockOutput(replay_hidden, td[names[-1]].output)
-            replay_hidden[bucket_rows] = block_out
+            if cached is None:
+                cached = BlockOutput(block_out[:0], td[names[-1]].output)
+            replay_hidden = _from_split(block_out, split, width)
         snapshot = None
         if cache is not None:
             snapshot = []
             for i, layer in enumerate(cache.layers):
                 if i <= replay_layer:  # never attended to again: a stand-in that only carries the length
-                    k = torch.zeros(bucket_rows.numel(), 1, split, 1, dtype=layer.keys.dtype, device=device)
+                    k = torch.zeros(bucket_rows.numel(), 1, prefix, 1, dtype=layer.keys.dtype, device=device)
                     snapshot.append((k, k))
                 else:
-                    snapshot.append((layer.keys[:, :, :split].clone(), layer.values[:, :, :split].clone()))
-        buckets.append((bucket_rows, split, snapshot))
+                    snapshot.append((_left_aligned(layer.keys, split, prefix, 2),
+                                     _left_aligned(layer.values, split, prefix, 2)))
+        columns = torch.arange(prefix + width, device=device).unsqueeze(0)
+        suffix_len = (lengths[bucket_rows] - split).unsqueeze(1)
+        mask = ((columns >= prefix - split.unsqueeze(1)) & (columns < prefix + suffix_len)).to(batch.attention_mask.dtype)
+        valid = torch.arange(width, device=device).unsqueeze(0) < suffix_len
+        ids = torch.where(valid, _from_split(batch.input_ids[bucket_rows], split, width), model.tokenizer.pad_token_id)
+        positions = split.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
+        buckets.append((bucket_rows, split, snapshot, replay_hidden, ids, mask, positions))
         del cache, td
     init_norm_sq = init.norm(dim=1) ** 2
 
@@ -314,14 +346,15 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
         kl_logp = torch.zeros(n, 1, dtype=acc, device=device)
         misses = torch.zeros(n, dtype=acc, device=device)
         with torch.enable_grad():
-            for bucket_rows, split, snapshot in buckets:
+            for bucket_rows, split, snapshot, replay_hidden, ids, mask, positions in buckets:
                 keep = row_active[bucket_rows]
                 if not bool(keep.any()):
                     continue
                 sel = bucket_rows[keep]
+                kept = keep.nonzero().reshape(-1)
                 sub_owner = owner[sel]
                 arange = torch.arange(sel.numel(), device=device)
-                lookup = batch.lookup[sel] - split
+                lookup = batch.lookup[sel] - split[kept]
 
                 def add_delta(output, layer, arange=arange, lookup=lookup, sub_owner=sub_owner):
                     if layer != site:
@@ -330,19 +363,20 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
                     h = h.index_put((arange, lookup), h[arange, lookup] + delta_var[sub_owner].to(h.dtype))
                     return replace_primary(output, h)
 
-                past = _prefix_cache(snapshot, keep.nonzero().reshape(-1)) if snapshot is not None else None
-                replay = (replaying_blocks(model, replay_layer, cached, cached.hidden[sel, split:])
+                past = _prefix_cache(snapshot, kept) if snapshot is not None else None
+                replay = (replaying_blocks(model, replay_layer, cached, replay_hidden[kept])
                           if cached is not None else contextlib.nullcontext())
                 with replay, TraceDict(model.model, traced, retain_output=True, stop_after=last_name,
                                        edit_output=add_delta) as tdb:
-                    model.model(input_ids=batch.input_ids[sel, split:], attention_mask=batch.attention_mask[sel],
+                    model.model(input_ids=ids[kept], attention_mask=mask[kept], position_ids=positions[kept],
                                 past_key_values=past, use_cache=past is not None)
                 local = torch.full((len(chunk_rows),), -1, dtype=torch.long, device=device)
                 local[sel] = arange
                 label_is.zero_()
                 label_is[sel] = True
                 lab = label_is[label_rows]
-                l_rows, l_pos, l_tok = local[label_rows[lab]], label_pos[lab] - split, label_tok[lab]
+                l_rows, l_tok = local[label_rows[lab]], label_tok[lab]
+                l_pos = label_pos[lab] - row_split[label_rows[lab]]
                 if l_rows.numel():
                     logp = torch.log_softmax(_logits(model, primary(tdb[nll_name].output)[l_rows, l_pos]).to(acc),
                                              dim=-1)

@@ -117,5 +117,5 @@ def test_every_shipped_file_validates():
 
 def test_the_toy_model_gets_its_own_settings(toy):
     hp = get_editor("memit").default_hparams(toy)
-    assert hp.layers == [0, 1, 2] and hp.mom2_update_weight == 300.0
-    assert get_editor("rome").default_hparams(toy).layers == [2]
+    assert hp.layers == [0, 1] and hp.mom2_update_weight == 100.0 and hp.v_loss_layer == 3
+    assert get_editor("rome").default_hparams(toy).layers == [0]
