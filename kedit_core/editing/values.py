@@ -19,8 +19,9 @@ Two implementations with the same semantics:
 * :func:`optimise_values_batched` — kedit's default: all requests of a chunk in one batch (δ is
   ``[N, d]``); the layers below the injection site run once and are replayed; above it, the positions
   before each row's fact token never change either, so their keys/values are kept from the first pass
-  and later steps run only from the fact token on (rows are grouped by that position into a few
-  forwards); the forward stops after the last layer and the unembedding runs only where the loss
+  and later steps run each row only from its own fact token on (prefixes left-padded so the rows line
+  up, true position ids; rows grouped by how many positions they need into a few forwards); the forward
+  stops after the last layer and the unembedding runs only where the loss
   reads logits; a request that stops is
   frozen (its rows leave the batch); Adam is applied row-wise with the same arithmetic as
   ``torch.optim.Adam``, so each request follows the trajectory it would follow alone. Optional: stop a
