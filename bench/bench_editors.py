@@ -245,12 +245,22 @@ def bench_gpu(args) -> dict:
                             r.target_new, r.target_true, case_id=i) for i, r in enumerate(requests)]
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        context = kedit.EditContext(stats=InMemoryCovariance(moments), progress=True, seed=0)
+        # With --work-dir a run too long for one sitting is finished by running the same command again: the
+        # value batches computed before are loaded, and their recorded seconds are added to this run's.
+        work_dir = None if args.work_dir is None else Path(args.work_dir) / f"requests-{n}"
+        context = kedit.EditContext(stats=InMemoryCovariance(moments), progress=True, seed=0, work_dir=work_dir)
         result, seconds = timed(kedit.compute_edit, model, requests, "memit", layers=layers, v_num_grad_steps=25,
                                 v_loss_layer=27, mom2_update_weight=15000, context=context)
-        run = {"requests": n, "seconds_total": seconds, "seconds_per_phase": result.timings,
-               "value_speedup_vs_one_at_a_time": out["one_at_a_time_seconds_per_request"] * n
-               / result.timings["values"]}
+        resumed = result.info.get("values_resumed") or {}
+        earlier = resumed.get("loaded_batches_seconds_when_computed", 0.0)
+        phases = dict(result.timings)
+        if resumed.get("batches_loaded"):
+            # the earlier batches were loaded (in moments); the seconds they took to compute are added
+            phases["values"] = phases["values"] + earlier
+            phases["total"] = phases.get("total", 0.0) + earlier
+        run = {"requests": n, "seconds_total": seconds + earlier, "seconds_per_phase": phases,
+               "values_resumed": resumed or None,
+               "value_speedup_vs_one_at_a_time": out["one_at_a_time_seconds_per_request"] * n / phases["values"]}
         if device.startswith("cuda"):
             run["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["runs"].append(run)
@@ -296,6 +306,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", action="store_true", help="the GPT-J-shaped bf16 CUDA benchmark instead")
     parser.add_argument("--gpu-requests", default="1000,10000")
     parser.add_argument("--device", default="cuda", help="device of the --gpu benchmark")
+    parser.add_argument("--work-dir", help="--gpu: keep finished value batches here; rerun to finish a long run")
     parser.add_argument("--smoke", action="store_true", help="--gpu at a CPU-sized width (checks the code path)")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)

@@ -54,7 +54,10 @@ for op in ('cov_accumulate_', 'gather_segment_sum', 'spd_factor', 'spd_solve', '
       $PY bench/bench_editors.py --gpu --gpu-requests 100 --reference-sample 5 --out "$OUT/smoke" ;;
     editors)
       stage "bench_editors --gpu, ${GPU_REQUESTS:-1000} requests"
-      $PY bench/bench_editors.py --gpu --gpu-requests "${GPU_REQUESTS:-1000}" --reference-sample 10 --out "$OUT" ;;
+      # WORK_DIR=/path keeps finished value batches: a run cut off by a command's time limit is finished by
+      # running the same stage again (on the same machine while it is warm).
+      $PY bench/bench_editors.py --gpu --gpu-requests "${GPU_REQUESTS:-1000}" --reference-sample 10 --out "$OUT" \
+        ${WORK_DIR:+--work-dir "$WORK_DIR"} ;;
     *) echo "unknown stage $1" >&2; return 2 ;;
   esac
 }

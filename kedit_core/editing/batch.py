@@ -94,11 +94,11 @@ def compute_batch_edit(model, requests: Sequence[EditRequest], hp: LocateEditHPa
         rows, target_lengths = value_rows(tok, requests, templates, fact_token=hp.fact_token, rule=rule,
                                           tokenization="reference" if hp.reference else "kedit")
         injection = Injection(layer=z_layer, site="block", nll_layer=hp.loss_layer(model, z_layer))
+        store = None
         if hp.reference:
             values = optimise_values_reference(model, rows, target_lengths, value_settings(hp), injection,
                                                progress=context.progress)
         else:
-            store = None
             if context.work_dir is not None:
                 store = ValueStore(context.work_dir, context.base_fingerprint or model.fingerprint())
             values = optimise_values_batched(model, rows, target_lengths, value_settings(hp), injection,
@@ -106,6 +106,8 @@ def compute_batch_edit(model, requests: Sequence[EditRequest], hp: LocateEditHPa
             if store is not None and store.loaded:
                 context.say(f"resumed: {store.loaded} batch(es) of values loaded from {store.directory}, "
                             f"{store.saved} computed")
+    resumed = None if store is None else {"batches_loaded": store.loaded, "batches_computed": store.saved,
+                                          "loaded_batches_seconds_when_computed": store.loaded_seconds}
     z = values.target.to(model.device)
 
     krows, bare = rows_with_bare_prompts(tok, requests, templates, fact_token=hp.fact_token, rule=rule)
@@ -138,6 +140,8 @@ def compute_batch_edit(model, requests: Sequence[EditRequest], hp: LocateEditHPa
     extra["layers"] = list(layers)
     if factors.origins:
         extra["covariance"] = {str(k): v for k, v in sorted(factors.origins.items())}
+    if resumed is not None:
+        result.info["values_resumed"] = resumed
     result.info.update({"layers": info_layers, "value_steps": values.steps, "value_final_loss": values.final_loss,
                         "warnings": found, "z_init_norm_mean": float(values.init.norm(dim=1).mean()),
                         "delta_norm_mean": float(values.delta.norm(dim=1).mean())})

@@ -30,6 +30,7 @@ Two implementations with the same semantics:
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -103,6 +104,7 @@ class ValueStore:
         self.base_fingerprint = base_fingerprint
         self.loaded = 0
         self.saved = 0
+        self.loaded_seconds = 0.0   # what the loaded batches took when they were computed
 
     def key(self, rows: TokenRows, requests: list[int], target_lengths, settings: ValueSettings,
             injection: Injection) -> str:
@@ -126,15 +128,17 @@ class ValueStore:
             return None
         data = torch.load(path, map_location="cpu", weights_only=True)
         self.loaded += 1
+        self.loaded_seconds += float(data.get("seconds", 0.0))
         return ValueResult(target=data["target"], init=data["init"], delta=data["delta"], steps=list(data["steps"]),
                            final_loss=list(data["final_loss"]))
 
-    def save(self, key: str, result: ValueResult) -> None:
+    def save(self, key: str, result: ValueResult, seconds: float = 0.0) -> None:
         from ..atomic import atomic_path
 
         with atomic_path(self._path(key)) as tmp:
             torch.save({"target": result.target, "init": result.init, "delta": result.delta,
-                        "steps": list(result.steps), "final_loss": list(result.final_loss)}, tmp)
+                        "steps": list(result.steps), "final_loss": list(result.final_loss),
+                        "seconds": float(seconds)}, tmp)
         self.saved += 1
 
 
@@ -192,9 +196,10 @@ def optimise_values_batched(model, rows: TokenRows, target_lengths: Sequence[int
             key = None if store is None else store.key(rows, chunk, target_lengths, settings, injection)
             done = None if key is None else store.load(key)
             if done is None:
+                started = time.perf_counter()
                 done = _optimise_chunk(model, rows, chunk, target_lengths, settings, injection, bar)
-                if key is not None:
-                    store.save(key, done)
+                if key is not None:   # (the result is on the CPU: the clock covers the device's work)
+                    store.save(key, done, time.perf_counter() - started)
             else:
                 bar.update(len(chunk) * max(settings.num_steps - 1, 0))
             results.append(done)

@@ -63,6 +63,9 @@ def test_an_interrupted_edit_resumes_where_it_stopped(setup, tmp_path, monkeypat
     for name in uninterrupted.deltas.names():
         assert torch.equal(resumed.deltas.tensors[name], uninterrupted.deltas.tensors[name]), name
     assert resumed.info["value_steps"] == uninterrupted.info["value_steps"]
+    record = resumed.info["values_resumed"]
+    assert record["batches_loaded"] == 2 and record["batches_computed"] == 1
+    assert record["loaded_batches_seconds_when_computed"] > 0   # the interrupted run's clock, kept with them
 
 
 def test_nothing_is_reused_when_the_edit_differs(setup, tmp_path, monkeypatch):
