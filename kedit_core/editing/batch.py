@@ -96,6 +96,8 @@ def compute_batch_edit(model, requests: Sequence[EditRequest], hp: LocateEditHPa
         injection = Injection(layer=z_layer, site="block", nll_layer=hp.loss_layer(model, z_layer))
         store = None
         if hp.reference:
+            if context.work_dir is not None:
+                context.say("work_dir is not used in reference mode (the published loop keeps nothing)")
             values = optimise_values_reference(model, rows, target_lengths, value_settings(hp), injection,
                                                progress=context.progress)
         else:

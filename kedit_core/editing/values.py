@@ -30,8 +30,11 @@ Two implementations with the same semantics:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
@@ -98,8 +101,6 @@ class ValueStore:
     anything and the keys differ, so nothing stale is reused."""
 
     def __init__(self, directory, base_fingerprint: str):
-        from pathlib import Path
-
         self.directory = Path(directory)
         self.base_fingerprint = base_fingerprint
         self.loaded = 0
@@ -108,10 +109,6 @@ class ValueStore:
 
     def key(self, rows: TokenRows, requests: list[int], target_lengths, settings: ValueSettings,
             injection: Injection) -> str:
-        import hashlib
-        import json
-        from dataclasses import asdict
-
         local = {req: i for i, req in enumerate(requests)}
         chunk = [[rows.ids[r], rows.lookup[r], rows.labels[r], rows.kind[r], local[rows.owner[r]]]
                  for r in rows.rows_of(requests)]
