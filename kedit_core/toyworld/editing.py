@@ -59,16 +59,27 @@ def edit_and_measure(model, world: World, method: str, num_edits: int, *, seed: 
     fmt, cases = cases_from_records(records, "counterfact", source="toy world")
     touched = {(r["requested_rewrite"]["subject"], r["requested_rewrite"]["relation_id"]) for r in records}
     kept = world.facts_excluding(touched)
+    # The untouched facts in two groups: the edited subjects' other facts (read through the same subject
+    # keys an edit writes to) and the facts of subjects no edit names (reached only through leakage).
+    edited_subjects = {subject for subject, _ in touched}
+    groups = {"edited_subjects_other_facts": [f for f in kept if f.subject in edited_subjects],
+              "unedited_subjects": [f for f in kept if f.subject not in edited_subjects]}
     settings = EvalSettings(generation=False, progress=progress)
 
-    def measure() -> tuple[dict, float]:
+    def measure() -> tuple[dict, float | None, dict]:
         metrics = aggregate(evaluate_cases(model, cases, fmt, settings), fmt)
-        recall = fact_recall(model, world, kept).overall if kept else None
-        return {k: metrics[k] for k in HEADLINE}, recall
+        hits = {}   # group -> (prompts recalled, prompts)
+        for name, facts in groups.items():
+            if facts:
+                report = fact_recall(model, world, facts)
+                hits[name] = (round(report.overall * report.num_prompts), report.num_prompts)
+        recalled, prompts = sum(h for h, _ in hits.values()), sum(n for _, n in hits.values())
+        recall = recalled / prompts if prompts else None
+        return {k: metrics[k] for k in HEADLINE}, recall, {name: h / n for name, (h, n) in hits.items()}
 
     start = time.perf_counter()
     say(f"measuring the unedited model on {num_edits} records and {len(kept)} untouched facts")
-    pre, recall_before = measure()
+    pre, recall_before, groups_before = measure()
     timings["evaluate_before"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -81,7 +92,7 @@ def edit_and_measure(model, world: World, method: str, num_edits: int, *, seed: 
     say("measuring the edited model")
     applied = result.deltas.apply(model.model)
     try:
-        post, recall_after = measure()
+        post, recall_after, groups_after = measure()
     finally:
         applied.revert()
     timings["evaluate_after"] = time.perf_counter() - start
@@ -96,7 +107,10 @@ def edit_and_measure(model, world: World, method: str, num_edits: int, *, seed: 
         "post": post,
         "recall": {"before": _percent(recall_before), "after": _percent(recall_after),
                    "drop": None if recall_before is None else _percent(recall_before - recall_after),
-                   "num_facts": len(kept)},
+                   "num_facts": len(kept),
+                   **{name: {"before": _percent(groups_before[name]), "after": _percent(groups_after[name]),
+                             "drop": _percent(groups_before[name] - groups_after[name]),
+                             "num_facts": len(groups[name])} for name in groups_before}},
         "deltas_norms": result.deltas.norms(),
         "timings": timings,
         "editor_timings": dict(result.timings),

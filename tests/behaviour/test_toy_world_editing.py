@@ -79,6 +79,12 @@ def test_a_broken_solver_fails_the_bars(toy, world, stats, monkeypatch):
     outcome = edit_and_measure(toy, world, "memit", 20, stats=stats)
     missed = MEMIT_BARS.failures(outcome)
     assert any(m.startswith("ES") for m in missed), outcome["post"]
+    # The untouched facts split into the edited subjects' other facts and the other subjects' facts;
+    # a zero update moves neither.
+    recall = outcome["recall"]
+    groups = [recall["edited_subjects_other_facts"], recall["unedited_subjects"]]
+    assert sum(g["num_facts"] for g in groups) == recall["num_facts"]
+    assert groups[0]["num_facts"] > 0 and all(g["drop"] == 0 for g in groups)
 
 
 def test_any_plugin_editor_runs_through_the_same_harness(toy, world):
