@@ -29,42 +29,33 @@ import torch
 
 
 @torch.no_grad()
-def key_spectrum(model, world) -> list[dict]:
+def subject_keys(model, world, layers) -> dict[int, torch.Tensor]:
+    """Every subject's MLP key (float64, ``[subjects, d_k]``) at its last token of ``"{subject} was born in"``,
+    per layer of ``layers``, from one forward stopped after the deepest one."""
     from kedit_core.tracing import TraceDict
 
-    adapter, tok = model.adapter, model.tokenizer
-    subjects = list(world.subjects)
-    prompts = [f"{s} was born in" for s in subjects]
+    tok, subjects, layers = model.tokenizer, list(world.subjects), list(layers)
     last = torch.tensor([len(tok(s, add_special_tokens=False)["input_ids"]) - 1 for s in subjects])
-    names = [adapter.mlp_out_name(layer) for layer in range(adapter.num_layers)]
-    batch = tok(prompts, return_tensors="pt", padding=True)
-    with TraceDict(model.model, names, retain_input=True) as td:
+    names = [model.adapter.mlp_out_name(layer) for layer in layers]
+    batch = tok([f"{s} was born in" for s in subjects], return_tensors="pt", padding=True)
+    with TraceDict(model.model, names, retain_input=True, stop_after=names[-1]) as td:
         model.model(**batch)
+    return {layer: td[name].input[torch.arange(len(subjects)), last].double() for layer, name in zip(layers, names)}
+
+
+def key_spectrum(model, world) -> list[dict]:
     rows = []
-    for layer, name in enumerate(names):
-        keys = td[name].input[torch.arange(len(subjects)), last].double()
+    for layer, keys in subject_keys(model, world, range(model.adapter.num_layers)).items():
         centred = keys - keys.mean(0)
         power = torch.linalg.svdvals(centred) ** 2
         unit = torch.nn.functional.normalize(centred, dim=1)
         cos = (unit @ unit.T).abs()
-        off = ~torch.eye(len(subjects), dtype=torch.bool)
-        rows.append({"layer": layer, "key_size": keys.shape[1], "subjects": len(subjects),
+        off = ~torch.eye(keys.shape[0], dtype=torch.bool)
+        rows.append({"layer": layer, "key_size": keys.shape[1], "subjects": keys.shape[0],
                      "participation_ratio": float(power.sum() ** 2 / (power ** 2).sum()),
                      "dims_for_90pct_variance": int((power.cumsum(0) / power.sum() < 0.9).sum()) + 1,
                      "median_abs_cosine_centred": float(cos[off].median())})
     return rows
-
-
-def _subject_keys(model, world, layer: int) -> torch.Tensor:
-    from kedit_core.tracing import TraceDict
-
-    tok, subjects = model.tokenizer, list(world.subjects)
-    last = torch.tensor([len(tok(s, add_special_tokens=False)["input_ids"]) - 1 for s in subjects])
-    name = model.adapter.mlp_out_name(layer)
-    batch = tok([f"{s} was born in" for s in subjects], return_tensors="pt", padding=True)
-    with torch.no_grad(), TraceDict(model.model, [name], retain_input=True, stop_after=name) as td:
-        model.model(**batch)
-    return td[name].input[torch.arange(len(subjects)), last].double()
 
 
 def update_leakage(keys: torch.Tensor, c0: torch.Tensor, num_edits: int, lam: float, seed: int = 0,
@@ -98,8 +89,7 @@ def leakage_table(model, world, layers, edit_counts, lambdas, widths, seed: int 
     stats = toy_statistics(world, False)
     stats.prepare(model, list(layers))
     trained = []
-    for layer in layers:
-        keys = _subject_keys(model, world, layer)
+    for layer, keys in subject_keys(model, world, layers).items():
         c0 = stats.moment(model, layer).mom2.double()
         for n in edit_counts:
             for lam in lambdas:
