@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                        "parameters": sum(p.numel() for p in wide.parameters())}
     meta["info"]["parameters"] = meta["widened"]["parameters"]
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"{args.out}: d_ff {model.config.n_inner} -> {args.width}, identical logits, "
+    print(f"{args.out}: d_ff {model.config.n_inner or 4 * model.config.n_embd} -> {args.width}, identical logits, "
           f"{meta['widened']['parameters']:,} parameters")
     return 0
 

@@ -1,14 +1,22 @@
-"""bench/toy_keys.py's leakage measure: what a MEMIT-style update writes into the edited keys and what
-reaches the others (the measure behind the toy world's MEMIT recall analysis)."""
+"""bench/toy_keys.py's leakage measure (what a MEMIT-style update writes into the edited keys and what
+reaches the others) and bench/toy_widen.py's function-preserving widening: the tools behind the toy
+world's MEMIT recall analysis."""
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location("toy_keys", Path(__file__).parents[2] / "bench" / "toy_keys.py")
-toy_keys = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(toy_keys)
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+toy_keys = _bench_module("toy_keys")
 
 
 def test_orthogonal_keys_leak_nothing_and_write_the_ridge_share():
@@ -29,3 +37,19 @@ def test_wider_random_features_leak_less():
     small, wide = (toy_keys.random_feature_keys(32, d_ff, 900, seed=1) for d_ff in (128, 1024))
     leak = [toy_keys.update_leakage(k[:300], k.T @ k / k.shape[0], 50, 100.0)["leaked"] for k in (small, wide)]
     assert leak[1] < 0.7 * leak[0]
+
+
+def test_widening_keeps_every_logit_and_adds_key_units():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=64, vocab_size=100,
+                                       n_positions=32)).eval()
+    wide = _bench_module("toy_widen").widen_gpt2(model, 256, seed=3)
+    ids = torch.randint(0, 100, (3, 12))
+    with torch.no_grad():
+        assert torch.equal(wide(ids).logits, model(ids).logits)
+    assert wide.config.n_inner == 256
+    fc = wide.transformer.h[0].mlp.c_fc.weight
+    assert fc.shape == (32, 256) and fc[:, 64:].abs().sum() > 0      # the new units read the residual ...
+    assert wide.transformer.h[0].mlp.c_proj.weight[64:].abs().sum() == 0   # ... and write nothing
