@@ -186,58 +186,175 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
+# -- (c) what the accumulation costs inside the pass --------------------------------------------------
+
+@contextlib.contextmanager
+def accumulation_skipped():
+    """kedit's pass with the covariance update replaced by nothing: the truncated forward alone, with the
+    same tokenising, batching, hooks and early stop."""
+    from kedit_core.stats import collect as collect_module
+
+    real = collect_module.ops
+
+    class NoOps:
+        @staticmethod
+        def cov_accumulate_(acc, x, mask=None):
+            pass
+
+        symmetrize_upper_ = staticmethod(real.symmetrize_upper_)
+
+    collect_module.ops = NoOps
+    try:
+        yield
+    finally:
+        collect_module.ops = real
+
+
+def overhead_benchmark(model, docs, layers, batch_tokens, implementations) -> dict:
+    """Tokens/s of the truncated forward alone and of the full pass with each op implementation; the
+    operations of both counted from the shapes (the accumulation's floor is its share of the work)."""
+    from kedit_core import ops
+
+    device = str(model.device)
+    kedit_way(model, docs[:50], layers, batch_tokens)  # warm-up (kernels, allocator)
+    with accumulation_skipped():
+        result, t_forward = timed(kedit_way, model, docs, layers, batch_tokens)
+    tokens = result.count
+    out = {"tokens": tokens, "forward_alone": {"seconds": t_forward, "tokens_per_second": tokens / t_forward}}
+    available = ops.describe((device.split(":")[0],))["cov_accumulate_"][device.split(":")[0]]["available"]
+    for name in (i for i in implementations if i in available):
+        ops.select("cov_accumulate_", name, device)
+        kedit_way(model, docs[:50], layers, batch_tokens)
+        _, seconds = timed(kedit_way, model, docs, layers, batch_tokens)
+        out[name] = {"seconds": seconds, "tokens_per_second": tokens / seconds,
+                     "overhead_vs_forward": seconds / t_forward - 1.0}
+    ops.select("cov_accumulate_", None, device)
+    cfg = model.model.config
+    d, d_ff, deepest = cfg.hidden_size, model.adapter.key_size, max(layers) + 1
+    # per token: each block's weights (attention 4 d², MLP 2 d d_ff) twice; the SYRK's upper triangle d_k².
+    forward_flops = deepest * 2 * (4 * d * d + 2 * d * d_ff)
+    syrk_flops = len(layers) * d_ff * (d_ff + 1)
+    out["flops_per_token"] = {"truncated_forward_weights": forward_flops, "accumulation_upper_triangle": syrk_flops,
+                              "accumulation_share_at_equal_rate": syrk_flops / forward_flops}
+    return out
+
+
+def print_overhead(o: dict) -> None:
+    f = o["forward_alone"]
+    print(f"\nC0 pass, {o['tokens']} tokens: truncated forward alone {f['tokens_per_second']:.0f} tok/s ({f['seconds']:.2f} s)")
+    for name, r in o.items():
+        if isinstance(r, dict) and "overhead_vs_forward" in r:
+            print(f"  forward + accumulation ({name}): {r['tokens_per_second']:.0f} tok/s ({r['seconds']:.2f} s), "
+                  f"overhead {100 * r['overhead_vs_forward']:.1f}%")
+    fl = o["flops_per_token"]
+    print(f"  work per token: forward {fl['truncated_forward_weights'] / 1e9:.2f} GFLOP, accumulation "
+          f"{fl['accumulation_upper_triangle'] / 1e9:.2f} GFLOP = {100 * fl['accumulation_share_at_equal_rate']:.0f}% "
+          f"of the forward's at equal rate")
+
+
 # -- the op alone ------------------------------------------------------------------------------------
 
 def time_op(fn, device: str, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after two warm-ups (CUDA events on a GPU: launches overlap
+    as in real use; a host clock around a synchronised call on the CPU)."""
+    fn()
     fn()
     synchronize(device)
-    best = float("inf")
-    for _ in range(repeats):  # best of: the least disturbed run on a shared machine
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def op_variants(device: str, dtype: torch.dtype, d: int) -> dict:
+    """name -> (acc dtype, masked, fn(acc, x, mask)): the op's implementations and plain-torch baselines."""
+    from functools import partial
+
+    from kedit_core import _ext, ops
+    from kedit_core.ops.blocked import cov_accumulate_blocked_, default_levels
+
+    half = dtype in (torch.bfloat16, torch.float16) and device.startswith("cuda")
+    variants = {
+        # cuBLAS's full product, 16-bit output (what the first GPU session compared against)
+        "torch.mm": (torch.float32, False, lambda acc, x, m: torch.mm(x.T, x)),
+        # the best plain-torch way at the op's accuracy: full product with float32 sums, added in
+        "torch.mm+add (fp64 acc)": (torch.float64, False, (lambda acc, x, m: acc.add_(torch.mm(x.T, x, out_dtype=torch.float32)))
+                                    if half else (lambda acc, x, m: acc.add_(torch.mm(x.T, x)))),
+        "reference": (torch.float64, False, ops.reference.cov_accumulate_),
+    }
+    if _ext.loaded() and ops._compiled_has_kernel("cov_accumulate_", device):
+        variants["compiled kernel"] = (torch.float64, False, torch.ops.kedit.cov_accumulate_)
+        variants["compiled kernel, masked"] = (torch.float64, True, torch.ops.kedit.cov_accumulate_)
+    best = default_levels(d)
+    for levels in sorted({0, 1, best - 1, best, best + 1} - {-1}):
+        if levels and (d % 2 ** levels or d // 2 ** levels < 128):
+            continue
+        tag = f"blocked L{levels}" + (" (default)" if levels == best else "")
+        variants[tag] = (torch.float64, False, partial(cov_accumulate_blocked_, levels=levels))
+    variants["blocked default, fp32 acc"] = (torch.float32, False, cov_accumulate_blocked_)
+    variants["blocked default, masked"] = (torch.float64, True, cov_accumulate_blocked_)
+    variants["blocked default, flush 4096"] = (torch.float64, False, partial(cov_accumulate_blocked_, flush_rows=4096))
+    return variants
 
 
 def op_benchmark(device: str, shapes, input_dtypes, repeats: int) -> list[dict]:
-    from kedit_core import ops
-
+    """Every variant of :func:`op_variants` on each shape, with its error against a float64 product."""
     rows = []
     for n, d in shapes:
         for dtype in input_dtypes:
             torch.manual_seed(0)
             x = torch.randn(n, d, device=device).to(dtype)
             mask = torch.rand(n, device=device) > 0.1  # ~10% padding rows
-            full = torch.zeros(d, d, device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
-            acc64 = torch.zeros(d, d, device=device, dtype=torch.float64)
-            acc32 = torch.zeros(d, d, device=device, dtype=torch.float32)
-            t_mm = time_op(lambda: torch.mm(x.T, x), device, repeats)
-            # The reference's update: features in float32 (its precision setting), full product, added.
-            t_ref = time_op(lambda: full.add_((lambda f: f.T.mm(f))(x.to(full.dtype))), device, repeats)
-            t_op64 = time_op(lambda: ops.cov_accumulate_(acc64, x), device, repeats)
-            t_op32 = time_op(lambda: ops.cov_accumulate_(acc32, x), device, repeats)
-            t_mask = time_op(lambda: ops.cov_accumulate_(acc64, x, mask), device, repeats)
-            t_ref_mask = time_op(lambda: full.add_((lambda f: f.T.mm(f))(x[mask].to(full.dtype))), device, repeats)
-            rows.append({"n": n, "d": d, "input_dtype": str(dtype).replace("torch.", ""),
-                         "torch_mm_s": t_mm, "reference_update_s": t_ref, "op_fp64_acc_s": t_op64,
-                         "op_fp32_acc_s": t_op32, "op_fp64_acc_masked_s": t_mask,
-                         "reference_update_masked_s": t_ref_mask,
-                         "speedup_fp64_vs_mm": t_mm / t_op64, "speedup_fp64_vs_reference_update": t_ref / t_op64,
-                         "speedup_masked_vs_reference": t_ref_mask / t_mask,
-                         "op_implementation": ops.implementation("cov_accumulate_", device).implementation})
+            exact_upper = None
+            if d <= 4096:  # the float64 oracle (on the device) for the accuracy column
+                xd = x.double()
+                exact_upper = torch.triu(xd.T @ xd)
+                del xd
+            row = {"n": n, "d": d, "input_dtype": str(dtype).replace("torch.", ""), "seconds": {}, "rel_error": {},
+                   "useful_gflop": n * d * (d + 1) / 1e9}
+            for name, (acc_dtype, masked, fn) in op_variants(device, dtype, d).items():
+                if name == "reference" and d > 4096 and device.startswith("cuda"):
+                    continue  # float32 upcast of 16k x 11k: seconds of nothing new
+                acc = torch.zeros(d, d, device=device, dtype=acc_dtype)
+                try:
+                    row["seconds"][name] = time_op(lambda: fn(acc, x, mask if masked else None), device, repeats)
+                except Exception as exc:  # one variant failing (an op missing in this torch) must not end the run
+                    print(f"  {name}: FAILED {type(exc).__name__}: {exc}")
+                    row.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"
+                    continue
+                if exact_upper is not None and not masked and not name.startswith("torch.mm"):
+                    acc.zero_()
+                    fn(acc, x, None)
+                    row["rel_error"][name] = float((acc.double() - exact_upper).norm() / exact_upper.norm())
+                del acc
+            base = row["seconds"].get("torch.mm", float("nan"))
+            row["speedup_vs_torch_mm"] = {k: base / v for k, v in row["seconds"].items()}
+            same = row["seconds"].get("torch.mm+add (fp64 acc)", float("nan"))
+            row["speedup_vs_same_accuracy_mm"] = {k: same / v for k, v in row["seconds"].items()}
+            rows.append(row)
+            print_op_row(row)
     return rows
 
 
-def print_op_rows(rows) -> None:
-    print(f"\nop alone: kedit::cov_accumulate_ (upper triangle) vs torch.mm (full x.T @ x); best of repeats")
-    print(f"{'n x d':>14} {'dtype':>9} {'mm':>9} {'ref +=':>9} {'op f64':>9} {'op f32':>9} {'masked':>9} "
-          f"{'vs mm':>7} {'vs ref':>7} {'mask vs ref':>11}")
-    for r in rows:
-        print(f"{r['n']:>7}x{r['d']:<6} {r['input_dtype']:>9} {r['torch_mm_s']*1e3:8.1f}m {r['reference_update_s']*1e3:8.1f}m "
-              f"{r['op_fp64_acc_s']*1e3:8.1f}m {r['op_fp32_acc_s']*1e3:8.1f}m {r['op_fp64_acc_masked_s']*1e3:8.1f}m "
-              f"{r['speedup_fp64_vs_mm']:6.2f}x {r['speedup_fp64_vs_reference_update']:6.2f}x "
-              f"{r['speedup_masked_vs_reference']:10.2f}x")
+def print_op_row(r) -> None:
+    print(f"\n{r['n']} x {r['d']} {r['input_dtype']}: {'variant':<30} {'ms':>8} {'TFLOP/s*':>9} {'vs mm':>7} "
+          f"{'vs mm+add':>9} {'rel.err':>8}")
+    for name, t in r["seconds"].items():
+        err = r["rel_error"].get(name)
+        print(f"{'':>22}{name:<30} {t * 1e3:8.3f} {r['useful_gflop'] / t / 1e3:9.1f} "
+              f"{r['speedup_vs_torch_mm'][name]:6.2f}x {r['speedup_vs_same_accuracy_mm'][name]:8.2f}x "
+              f"{'' if err is None else f'{err:8.1e}'}")
+    print(f"{'':>22}(* useful work: the upper triangle, n d (d + 1) flops)")
 
 
 def machine_info(device: str) -> dict:
@@ -281,7 +398,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch-tokens", type=int, default=None, help="kedit's batch size (default: kedit's)")
     parser.add_argument("--op-only", action="store_true", help="only the op against torch.mm")
-    parser.add_argument("--op-repeats", type=int, default=5)
+    parser.add_argument("--overhead", action="store_true",
+                        help="only the accumulation's cost inside the pass, on a GPT-J-shaped model (--shape)")
+    parser.add_argument("--shape", default="gptj", choices=["gptj", "gptj-smoke"])
+    parser.add_argument("--overhead-impls", default="blocked,compiled",
+                        help="op implementations timed inside the pass (those available)")
+    parser.add_argument("--op-repeats", type=int, default=9)
+    parser.add_argument("--op-shapes", default=None, help="n x d list for the op, e.g. 16384x4096,8192x1536")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/stats-<device>-<time>.json)")
     args = parser.parse_args(argv)
 
@@ -301,15 +424,30 @@ def main(argv=None) -> int:
           f"{report['settings']['op']}")
 
     if device.startswith("cuda"):
-        shapes = [(16384, 3072), (16384, 4096), (16384, 11008)]
+        shapes = [(16384, 3072), (16384, 4096), (16384, 11008), (16384, 16384)]
         input_dtypes = [torch.float32, torch.bfloat16, torch.float16]
     else:
         shapes = [(4096, 3072), (4096, 1024)]
         input_dtypes = [torch.float32]
-    report["op"] = op_benchmark(device, shapes, input_dtypes, args.op_repeats)
-    print_op_rows(report["op"])
+    if args.op_shapes:
+        shapes = [tuple(int(v) for v in item.split("x")) for item in args.op_shapes.split(",")]
+    if not args.overhead:
+        report["op"] = op_benchmark(device, shapes, input_dtypes, args.op_repeats)
 
-    if not args.op_only:
+    if args.overhead:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_editors import GPTJ_SHAPE, SMOKE_SHAPE, random_model
+
+        shape = SMOKE_SHAPE if args.shape == "gptj-smoke" else GPTJ_SHAPE
+        model = random_model("gptj", shape["layers"], shape["hidden"], shape["vocab"], dtype, device,
+                             heads=shape["heads"], rotary_dim=shape["rotary_dim"])
+        docs = select_documents(model.tokenizer, args.tokens, model.adapter.context_length)
+        impls = [i for i in args.overhead_impls.split(",") if i]
+        report["overhead"] = overhead_benchmark(model, docs, layers, args.batch_tokens, impls)
+        report["overhead"]["model"] = f"GPT-J-shaped random {shape}, {args.dtype}"
+        print_overhead(report["overhead"])
+        del model
+    if not args.op_only and not args.overhead:
         model = build_model(device, dtype)
         docs = select_documents(model.tokenizer, args.tokens, model.adapter.context_length)
         print(f"\ncorpus: {len(docs)} WikiText documents; layers {layers}; model {args.dtype} on {device}")

@@ -11,8 +11,11 @@ For N requests and layers ``R = l1 < ... < L``::
         Δl = Rl Xᵀ                       # added to the MLP output projection, in its own layout
 
 The model is measured with the earlier layers' updates applied through
-:func:`~kedit_core.deltas.temporarily_applied`, so it is restored bit-exactly; keys and ``H`` come from
-one pass per layer that stops after block L. The editor supplies ``solve``.
+:func:`~kedit_core.deltas.temporarily_applied`, so it is restored bit-exactly. Reference mode reads
+keys and ``H`` with one full pass per layer that stops after block L, as published; the fast mode
+(:class:`~kedit_core.editing.keys.LayerByLayerKeys`) resumes each layer's pass from the cached output
+of the blocks that no longer change, so all layers together cost about one forward. The editor
+supplies ``solve``.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from ..editors import EditContext, EditResult, PhaseTimer
 from ..errors import KeditError
 from ..requests import EditRequest, check_conflicts
 from .hparams import LocateEditHParams
-from .keys import Capture, collect, group_mean_weights, rows_with_bare_prompts
+from .keys import Capture, LayerByLayerKeys, collect, group_mean_weights, rows_with_bare_prompts
 from .rows import value_rows
 from .solvers import CovarianceFactors
 from .templates import MEMIT_RECIPE, flatten_templates, resolve_context_templates
@@ -119,14 +122,23 @@ def compute_batch_edit(model, requests: Sequence[EditRequest], hp: LocateEditHPa
     deltas: dict[str, torch.Tensor] = {}
     info_layers = {}
     dtype = delta_dtype(model)
+
+    def key_capture(layer: int) -> Capture:
+        return Capture(adapter.mlp_out_name(layer), "input", template_rows, [krows.owner[r] for r in template_rows],
+                       [weights[krows.template[r]] for r in template_rows], n)
+
+    bare_capture = Capture(adapter.layer_name(z_layer), "output", bare, list(range(n)), [1.0] * n, n)
+    replayed = None if hp.reference else LayerByLayerKeys(model, krows, key_capture(layers[0]), bare_capture,
+                                                          layers, z_layer, progress=context.progress)
     for i, layer in enumerate(tqdm(layers, desc="updating layers", disable=not context.progress, leave=False)):
-        with timer("keys"), temporarily_applied(model.model, deltas):
-            keys, current = collect(
-                model, krows,
-                [Capture(adapter.mlp_out_name(layer), "input", template_rows, [krows.owner[r] for r in template_rows],
-                         [weights[krows.template[r]] for r in template_rows], n),
-                 Capture(adapter.layer_name(z_layer), "output", bare, list(range(n)), [1.0] * n, n)],
-                stop_after=adapter.layer_name(z_layer), progress=context.progress, desc=f"keys at layer {layer}")
+        with timer("keys"):
+            if replayed is not None:
+                keys, current = replayed.read(i, deltas)
+            else:
+                with temporarily_applied(model.model, deltas):
+                    keys, current = collect(model, krows, [key_capture(layer), bare_capture],
+                                            stop_after=adapter.layer_name(z_layer), progress=context.progress,
+                                            desc=f"keys at layer {layer}")
         with timer("solve"):
             error = (z - current.to(z.dtype)).to(torch.float64)  # subtracted in float32, as published
             residual = error / (len(layers) - i)
@@ -144,6 +156,8 @@ def compute_batch_edit(model, requests: Sequence[EditRequest], hp: LocateEditHPa
         extra["covariance"] = {str(k): v for k, v in sorted(factors.origins.items())}
     if resumed is not None:
         result.info["values_resumed"] = resumed
+    if replayed is not None:
+        result.info["keys_passes"] = dict(replayed.passes)
     result.info.update({"layers": info_layers, "value_steps": values.steps, "value_final_loss": values.final_loss,
                         "warnings": found, "z_init_norm_mean": float(values.init.norm(dim=1).mean()),
                         "delta_norm_mean": float(values.delta.norm(dim=1).mean())})

@@ -7,9 +7,15 @@ For each op and device type the implementation is chosen in this order, and the 
 2. An explicit selection of a plugin-supplied implementation, by :func:`select` or by the environment
    variable ``KEDIT_OPS="cov_accumulate_@cpu=myplugin.fast_cov,..."``. Plugins offer implementations
    through the ``register_ops`` hook; they are never picked silently.
-3. The compiled op ``torch.ops.kedit.<op>`` when ``kedit_core._C`` is loaded and has a kernel for
+3. A built-in implementation measured faster than the compiled kernel on that device
+   (:data:`BUILTIN_PREFERRED`): ``cov_accumulate_`` on CUDA runs as a blocked SYRK on cuBLAS
+   (:mod:`kedit_core.ops.blocked`), which ``bench/bench_stats.py`` measured ahead of kedit's own
+   tensor-core kernel on an H200 (``bench/results/gpu/``).
+4. The compiled op ``torch.ops.kedit.<op>`` when ``kedit_core._C`` is loaded and has a kernel for
    the device.
-4. The pure-PyTorch reference (:mod:`kedit_core.ops.reference`).
+5. The pure-PyTorch reference (:mod:`kedit_core.ops.reference`).
+
+Built-in implementations are selectable by name like the others (``"blocked"``).
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import torch
 
 from .. import _ext
 from ..errors import KeditError
-from . import reference
+from . import blocked, reference
 
 __all__ = ["cov_accumulate_", "describe", "gather_segment_sum", "implementation", "select", "spd_factor", "spd_solve",
            "spd_woodbury_solve", "OP_NAMES"]
@@ -38,6 +44,13 @@ class OpChoice:
 
 OP_NAMES: tuple[str, ...] = ("cov_accumulate_", "gather_segment_sum", "spd_factor", "spd_solve", "spd_woodbury_solve")
 _REFERENCES: dict[str, Callable] = {name: getattr(reference, name) for name in OP_NAMES}
+# Built-in alternatives to the compiled kernels, by op and name.
+BUILTINS: dict[str, dict[str, Callable]] = {"cov_accumulate_": {"blocked": blocked.cov_accumulate_blocked_}}
+# (op, device type) -> the built-in chosen by default there, and the measurement behind the choice.
+BUILTIN_PREFERRED: dict[tuple[str, str], tuple[str, str]] = {
+    ("cov_accumulate_", "cuda"): ("blocked", "blocked SYRK on cuBLAS measured faster than the compiled kernel "
+                                             "(bench/results/gpu/stats-cuda.json)"),
+}
 _selected: dict[tuple[str, str], str] = {}
 _cache: dict[tuple[str, str], OpChoice] = {}
 
@@ -95,12 +108,17 @@ def implementation(op: str, device: str | torch.device = "cpu") -> OpChoice:
                                  f"kedit_core._C has no {device} kernel ({_ext.status()})")
             fn = getattr(torch.ops.kedit, op) if wanted == "compiled" else _REFERENCES[op]
             choice = OpChoice(op, device, wanted, "selected explicitly", fn)
+        elif wanted in BUILTINS.get(op, {}):
+            choice = OpChoice(op, device, wanted, "selected explicitly", BUILTINS[op][wanted])
         elif wanted:
             impls = _plugin_implementations(op, device)
             if wanted not in impls:
                 raise KeditError(f"op {op} on {device}: implementation {wanted!r} was selected but no plugin "
                                  f"registers it; available: {sorted(impls) or 'none'}")
             choice = OpChoice(op, device, wanted, "selected explicitly", impls[wanted])
+        elif (op, device) in BUILTIN_PREFERRED:
+            name, why = BUILTIN_PREFERRED[(op, device)]
+            choice = OpChoice(op, device, name, why, BUILTINS[op][name])
         elif _compiled_has_kernel(op, device):
             choice = OpChoice(op, device, "compiled", "kedit_core._C has a kernel for this device",
                               getattr(torch.ops.kedit, op))
@@ -111,8 +129,8 @@ def implementation(op: str, device: str | torch.device = "cpu") -> OpChoice:
 
 
 def select(op: str, implementation_name: str | None, device: str = "cpu") -> None:
-    """Choose the implementation of ``op`` on ``device``: ``"reference"``, ``"compiled"``, a plugin's
-    ``"<plugin>:<name>"``, or ``None`` to go back to the default order."""
+    """Choose the implementation of ``op`` on ``device``: ``"reference"``, ``"compiled"``, a built-in
+    (``"blocked"``), a plugin's ``"<plugin>:<name>"``, or ``None`` to go back to the default order."""
     key = (op, torch.device(device).type)
     if implementation_name is None:
         _selected.pop(key, None)
@@ -137,7 +155,7 @@ def describe(devices: tuple[str, ...] = ("cpu", "cuda")) -> dict:
                 "selected": choice.implementation,
                 "reason": choice.reason,
                 "available": ["reference"] + (["compiled"] if _compiled_has_kernel(op, device) else [])
-                + sorted(_plugin_implementations(op, device)),
+                + sorted(BUILTINS.get(op, {})) + sorted(_plugin_implementations(op, device)),
             }
     return out
 

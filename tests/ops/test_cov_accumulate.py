@@ -5,6 +5,7 @@ import torch
 import kedit_core  # noqa: F401  (loads the compiled ops)
 from kedit_core import _ext, ops
 from kedit_core.ops import reference
+from kedit_core.ops.blocked import cov_accumulate_blocked_, default_levels
 
 from ..conftest import cuda
 
@@ -21,8 +22,14 @@ def exact(x, mask):
     return torch.triu(rows.T @ rows)
 
 
+def blocked_deep(acc, x, mask=None):
+    """The blocked SYRK with as many halvings as the width allows and small flushes: every code path."""
+    cov_accumulate_blocked_(acc, x, mask, levels=default_levels(x.shape[-1], min_block=4), flush_rows=64)
+
+
 def implementations(device):
-    impls = [("reference", reference.cov_accumulate_)]
+    impls = [("reference", reference.cov_accumulate_), ("blocked", cov_accumulate_blocked_),
+             ("blocked-deep", blocked_deep)]
     if _ext.loaded():
         impls.append(("compiled", torch.ops.kedit.cov_accumulate_))
     return impls
@@ -131,3 +138,41 @@ def test_cuda_matches_reference(dtype, acc_dtype):
     scale = expected.abs().max()
     assert ((torch.triu(acc.cpu().double()) - expected).abs().max() / scale) < (1e-5 if acc_dtype == torch.float64 else 1e-4)
     assert torch.equal(torch.tril(acc, -1), torch.zeros_like(acc).tril(-1))
+
+
+def test_blocked_levels_cover_the_upper_triangle_once():
+    """Every (i <= j) is added exactly once whatever the recursion depth: ones in, counts out."""
+    x = torch.ones(5, 96, dtype=torch.float64)
+    for levels in range(0, 6):
+        acc = torch.zeros(96, 96, dtype=torch.float64)
+        cov_accumulate_blocked_(acc, x, levels=levels)
+        assert torch.equal(acc, torch.triu(torch.full((96, 96), 5.0, dtype=torch.float64))), levels
+    with pytest.raises(ValueError, match="divisible by 8"):
+        cov_accumulate_blocked_(torch.zeros(100, 100, dtype=torch.float64), torch.ones(3, 100), levels=3)
+    assert default_levels(4096) == 3 and default_levels(3072) == 2 and default_levels(16384) == 5
+    assert default_levels(513) == 0
+
+
+def test_default_cuda_choice_is_the_blocked_syrk():
+    """The routing the GPU measurements decided (bench/results/gpu/): no GPU is needed to check it."""
+    choice = ops.implementation("cov_accumulate_", "cuda")
+    if not __import__("os").environ.get("KEDIT_REFERENCE_OPS"):
+        assert choice.implementation == "blocked" and "measured" in choice.reason
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("acc_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("levels", [0, 1, 3])
+def test_cuda_blocked_matches_exact(dtype, acc_dtype, levels):
+    torch.manual_seed(4)
+    x = torch.randn(3, 700, 512, device="cuda").to(dtype)
+    mask = torch.rand(3, 700, device="cuda") > 0.25
+    acc = torch.full((512, 512), 2.0, dtype=acc_dtype, device="cuda")
+    cov_accumulate_blocked_(acc, x, mask, levels=levels, flush_rows=1000)
+    expected = exact(x.cpu(), mask.cpu()) + torch.triu(torch.full((512, 512), 2.0, dtype=torch.float64))
+    scale = expected.abs().max()
+    tol = 1e-12 if dtype == torch.float64 and acc_dtype == torch.float64 else (
+        1e-5 if acc_dtype == torch.float64 else 1e-4)
+    assert ((torch.triu(acc.cpu().double()) - expected).abs().max() / scale) < tol
+    assert torch.equal(torch.tril(acc, -1), torch.full_like(acc, 2.0).tril(-1))
