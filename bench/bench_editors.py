@@ -238,7 +238,7 @@ def bench_gpu(args) -> dict:
                         Injection(layer=8, site="block", nll_layer=27))
     out["one_at_a_time_seconds_per_request"] = t_sample / len(sample)
     out["one_at_a_time_measured_requests"] = len(sample)
-    for n in args.gpu_requests:
+    for n, early_stop in [(n, e) for n in args.gpu_requests for e in args.early_stop]:
         # CounterFact requests, repeated with a numbered subject past the file's end (distinct subjects).
         requests = [records[i % len(records)] for i in range(n)]
         requests = [type(r)(r.prompt, f"{r.subject} {i // len(records)}" if i >= len(records) else r.subject,
@@ -250,7 +250,8 @@ def bench_gpu(args) -> dict:
         work_dir = None if args.work_dir is None else Path(args.work_dir) / f"requests-{n}"
         context = kedit.EditContext(stats=InMemoryCovariance(moments), progress=True, seed=0, work_dir=work_dir)
         result, seconds = timed(kedit.compute_edit, model, requests, "memit", layers=layers, v_num_grad_steps=25,
-                                v_loss_layer=27, mom2_update_weight=15000, context=context)
+                                v_loss_layer=27, mom2_update_weight=15000, context=context,
+                                early_stop_most_probable=early_stop)
         resumed = result.info.get("values_resumed") or {}
         earlier = resumed.get("loaded_batches_seconds_when_computed", 0.0)
         phases = dict(result.timings)
@@ -258,9 +259,18 @@ def bench_gpu(args) -> dict:
             # the earlier batches were loaded (in moments); the seconds they took to compute are added
             phases["values"] = phases["values"] + earlier
             phases["total"] = phases.get("total", 0.0) + earlier
-        run = {"requests": n, "seconds_total": seconds + earlier, "seconds_per_phase": phases,
-               "values_resumed": resumed or None,
+        steps = result.info["value_steps"]
+        run = {"requests": n, "early_stop_most_probable": early_stop, "seconds_total": seconds + earlier,
+               "seconds_per_phase": phases, "values_resumed": resumed or None,
+               "value_steps_mean": sum(steps) / len(steps), "keys_passes": result.info.get("keys_passes"),
+               "requests_per_second": {"values": n / phases["values"], "keys": n / phases["keys"]},
                "value_speedup_vs_one_at_a_time": out["one_at_a_time_seconds_per_request"] * n / phases["values"]}
+        # Values and keys grow linearly in the requests (fixed-size value batches; keys in token-bounded
+        # micro-batches); the solve's Woodbury update grows with N^2 d + N^3 but stays seconds at 10,000.
+        per_request = (phases["values"] + phases["keys"]) / n
+        run["extrapolated_10000_seconds_excluding_c0"] = {
+            "values_and_keys": per_request * 10_000, "solve_scaled_quadratically": phases["solve"] * (10_000 / n) ** 2,
+            "context_templates": phases["context templates"]}
         if device.startswith("cuda"):
             run["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["runs"].append(run)
@@ -306,6 +316,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", action="store_true", help="the GPT-J-shaped bf16 CUDA benchmark instead")
     parser.add_argument("--gpu-requests", default="1000,10000")
     parser.add_argument("--device", default="cuda", help="device of the --gpu benchmark")
+    parser.add_argument("--early-stop", default="off",
+                        help="--gpu: 'off', 'on' or 'off,on': runs without/with most-probable early stopping")
     parser.add_argument("--work-dir", help="--gpu: keep finished value batches here; rerun to finish a long run")
     parser.add_argument("--smoke", action="store_true", help="--gpu at a CPU-sized width (checks the code path)")
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -319,6 +331,7 @@ def main(argv=None) -> int:
                                                     for op in ("spd_factor", "spd_woodbury_solve", "spd_solve")}}
     if args.gpu:
         args.gpu_requests = [int(x) for x in args.gpu_requests.split(",")]
+        args.early_stop = [{"off": False, "on": True}[x.strip()] for x in args.early_stop.split(",")]
         target = out / ("bench_editors_gpu_smoke.json" if args.smoke else "bench_editors_gpu.json")
         args.write = lambda partial: target.write_text(json.dumps({"machine": machine, **partial}, indent=2,
                                                                    default=str) + "\n")
@@ -326,9 +339,11 @@ def main(argv=None) -> int:
         print(f"one at a time (published loop): {result['one_at_a_time_seconds_per_request']:.2f}s per request "
               f"({result['one_at_a_time_measured_requests']} timed)")
         for run in result["runs"]:
-            print(f"GPU {run['requests']:>6} requests: total {run['seconds_total']:.1f}s  "
+            print(f"GPU {run['requests']:>6} requests, early stop {'on ' if run['early_stop_most_probable'] else 'off'}"
+                  f" ({run['value_steps_mean']:.1f} steps): total {run['seconds_total']:.1f}s  "
                   + "  ".join(f"{k} {v:.1f}s" for k, v in run["seconds_per_phase"].items())
-                  + f"  values vs one-at-a-time {run['value_speedup_vs_one_at_a_time']:.1f}x")
+                  + f"  values vs one-at-a-time {run['value_speedup_vs_one_at_a_time']:.1f}x"
+                  + f"  -> 10,000 requests ~{sum(run['extrapolated_10000_seconds_excluding_c0'].values()) / 60:.1f} min")
         return 0
     if args.flops:
         result = bench_flops(args)

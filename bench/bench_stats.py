@@ -404,6 +404,7 @@ def main(argv=None) -> int:
     parser.add_argument("--overhead-impls", default="blocked,compiled",
                         help="op implementations timed inside the pass (those available)")
     parser.add_argument("--op-repeats", type=int, default=9)
+    parser.add_argument("--op-dtypes", default=None, help="input dtypes for the op, e.g. bfloat16,float32")
     parser.add_argument("--op-shapes", default=None, help="n x d list for the op, e.g. 16384x4096,8192x1536")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/stats-<device>-<time>.json)")
     args = parser.parse_args(argv)
@@ -429,6 +430,8 @@ def main(argv=None) -> int:
     else:
         shapes = [(4096, 3072), (4096, 1024)]
         input_dtypes = [torch.float32]
+    if args.op_dtypes:
+        input_dtypes = [getattr(torch, name) for name in args.op_dtypes.split(",")]
     if args.op_shapes:
         shapes = [tuple(int(v) for v in item.split("x")) for item in args.op_shapes.split(",")]
     if not args.overhead:

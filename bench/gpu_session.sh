@@ -3,7 +3,8 @@
 # the GPU benchmarks. Each stage is named on the command line and appends to $OUT/session.log:
 #
 #   OUT=/tmp/gpu bash bench/gpu_session.sh build tests stats eval editors-smoke
-#   OUT=/tmp/gpu GPU_REQUESTS=1000 bash bench/gpu_session.sh build editors
+#   OUT=/tmp/gpu bash bench/gpu_session.sh build tests stats-op overhead       # the speed issue's op checks
+#   OUT=/tmp/gpu GPU_REQUESTS=1000 REFERENCE_SAMPLE=5 bash bench/gpu_session.sh editors   # (build first)
 #
 # Nothing is installed from a registry: kedit is installed editable without dependencies into the
 # machine's Python, whose torch must be a CUDA build (the ops are built for the GPU it finds).
@@ -45,6 +46,13 @@ for op in ('cov_accumulate_', 'gather_segment_sum', 'spd_factor', 'spd_solve', '
     stats)
       stage "bench_stats (bf16, op and pass)"
       $PY bench/bench_stats.py --device cuda --dtype bfloat16 --out "$OUT/stats-cuda.json" ;;
+    stats-op)
+      stage "bench_stats --op-only: cov_accumulate_ implementations vs torch.mm (bf16 inputs)"
+      $PY bench/bench_stats.py --device cuda --op-only --op-dtypes bfloat16 --out "$OUT/stats-op-cuda.json" ;;
+    overhead)
+      stage "bench_stats --overhead: C0 pass vs the truncated forward alone, GPT-J-shaped bf16, layers 3-8"
+      $PY bench/bench_stats.py --device cuda --dtype bfloat16 --overhead --layers 3,4,5,6,7,8 --tokens 300000 \
+        --overhead-impls blocked,compiled --out "$OUT/stats-overhead-cuda.json" 2>&1 | grep -v "tok/s\]" ;;
     eval)
       stage "bench_eval (300 records, fp32 and bf16)"
       $PY bench/bench_eval.py --device cuda --records 300 --batch-tokens 2048,8192,32768
@@ -56,8 +64,8 @@ for op in ('cov_accumulate_', 'gather_segment_sum', 'spd_factor', 'spd_solve', '
       stage "bench_editors --gpu, ${GPU_REQUESTS:-1000} requests"
       # WORK_DIR=/path keeps finished value batches: a run cut off by a command's time limit is finished by
       # running the same stage again (on the same machine while it is warm).
-      $PY bench/bench_editors.py --gpu --gpu-requests "${GPU_REQUESTS:-1000}" --reference-sample 10 --out "$OUT" \
-        ${WORK_DIR:+--work-dir "$WORK_DIR"} ;;
+      $PY bench/bench_editors.py --gpu --gpu-requests "${GPU_REQUESTS:-1000}" --reference-sample "${REFERENCE_SAMPLE:-10}" \
+        --early-stop "${EARLY_STOP:-off,on}" --out "$OUT" ${WORK_DIR:+--work-dir "$WORK_DIR"} 2>&1 | grep -v "\[A" ;;
     *) echo "unknown stage $1" >&2; return 2 ;;
   esac
 }

@@ -97,7 +97,12 @@ def cov_accumulate_blocked_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tens
         if mask.dtype != torch.bool or mask.numel() * d != x.numel():
             raise ValueError(f"cov_accumulate_: mask must be bool with x's leading shape {tuple(x.shape[:-1])}; "
                              f"got {mask.dtype} {tuple(mask.shape)}")
-        rows = rows[mask.reshape(-1)]
+        if x.device.type == "cuda":
+            # Padding rows become exact zeros (a select, so NaN padding stays out) instead of being gathered
+            # out: no host synchronisation, so the caller's next forward queues behind this update.
+            rows = torch.where(mask.reshape(-1, 1), rows, rows.new_zeros(()))
+        else:
+            rows = rows[mask.reshape(-1)]
     if rows.shape[0] == 0 or d == 0:
         return
     if rows.stride(-1) != 1 or rows.stride(0) != d:

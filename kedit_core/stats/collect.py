@@ -247,7 +247,11 @@ class _Accumulator:
             return
         for layer, k in keys.items():
             flat = k.reshape(-1, k.shape[-1])
-            self.pending[layer].append(flat[mask.reshape(-1)] if mask is not None else flat)
+            if mask is not None and flat.device.type == "cuda":  # zeros instead of a gather: no host sync
+                flat = torch.where(mask.reshape(-1, 1), flat, flat.new_zeros(()))
+            elif mask is not None:
+                flat = flat[mask.reshape(-1)]
+            self.pending[layer].append(flat)
         self.pending_rows += rows
         if self.pending_rows >= self.min_rows:
             self.flush()
@@ -387,8 +391,11 @@ def collect_second_moments(model, layers: Sequence[int], corpus, *, tokens: int 
                                   chunk_tokens=chunk_tokens, start=pos):
             if chunk.index % world == rank:
                 for input_ids, mask, n_real in _batches(chunk.documents, batch_tokens, pad_id):
-                    input_ids = input_ids.to(device)
-                    mask = mask.to(device) if mask is not None else None
+                    if device.type == "cuda":  # copies that do not wait for the queued GPU work
+                        input_ids = input_ids.pin_memory().to(device, non_blocking=True)
+                        mask = mask.pin_memory().to(device, non_blocking=True) if mask is not None else None
+                    else:
+                        mask = mask.to(device) if mask is not None else None
                     with TraceDict(model.model, list(names.values()), retain_input=True, retain_output=False,
                                    stop_after=deepest) as traces:
                         model.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
