@@ -85,8 +85,10 @@ class _RunKey:
         digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:12]
         budget = "-".join(p for p in (f"t{self.tokens}" if self.tokens else "", f"d{self.docs}" if self.docs else "")
                           if p) or "all"
-        model_dir = f"{_slug(self.model_name)}-{self.model_fingerprint.split(':')[-1][:12]}"
-        # Named by content (the settings' hash), not by the corpus file's name: a renamed copy matches.
+        # Named by content (the model's fingerprint, the settings' hash), not by the model's or the corpus
+        # file's name: the same weights under another name or path (a zoo alias, its GGUF file, a copy of
+        # the checkpoint) and a renamed copy of the corpus reuse the same files.
+        model_dir = f"model-{self.model_fingerprint.split(':')[-1][:16]}"
         return stats_dir / model_dir / f"{budget}-{digest}"
 
     def metadata(self, layer: int, module: str, count: int, mom2_sha256: str) -> dict:
