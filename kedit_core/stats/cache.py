@@ -44,11 +44,12 @@ class CacheFileError(Exception):
 
 
 def default_stats_dir() -> Path:
-    """``$KEDIT_STATS_DIR``, else ``$XDG_CACHE_HOME/kedit/stats`` (``~/.cache/kedit/stats``)."""
+    """``$KEDIT_STATS_DIR``, else ``stats/`` in kedit's cache (``$KEDIT_CACHE``, ``~/.cache/kedit``)."""
     if os.environ.get("KEDIT_STATS_DIR"):
         return Path(os.environ["KEDIT_STATS_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kedit" / "stats"
+    from ..zoo import kedit_cache_dir
+
+    return kedit_cache_dir() / "stats"
 
 
 def _slug(text: str, limit: int = 40) -> str:
