@@ -213,8 +213,11 @@ def parse_assignments(cls: type[HyperParams], assignments) -> dict:
         where = f"{cls.__name__}.{key} (flag {item!r})"
         try:
             out[key] = _coerce(value, hints[key], where)
-        except HyperParamsError:
+        except HyperParamsError as first:
             if value == raw:
                 raise
-            out[key] = _coerce(raw, hints[key], where)  # e.g. a string field given a number-like word
+            try:
+                out[key] = _coerce(raw, hints[key], where)  # e.g. a string field given a number-like word
+            except HyperParamsError:
+                raise first from None
     return out

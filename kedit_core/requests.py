@@ -17,6 +17,11 @@ __all__ = ["EditRequest", "load_requests", "requests_from_records", "requests_sh
            "read_records", "read_json_file", "read_text_file", "parse_json", "check_conflicts"]
 
 
+def _visible(text: str) -> bool:
+    """Whether ``text`` has a character that shows (not only spaces, zero-width or control characters)."""
+    return any(ch.isprintable() and not ch.isspace() for ch in text)
+
+
 def _with_space(target: str) -> str:
     return target if target.startswith(" ") else " " + target
 
@@ -47,10 +52,10 @@ class EditRequest:
         n = self.prompt.count("{}")
         if n != 1:
             fail("prompt", f"expected exactly one '{{}}' where the subject goes; found {n} in {self.prompt!r}")
-        if not isinstance(self.subject, str) or not self.subject.strip():
-            fail("subject", f"expected a non-empty string; got {self.subject!r}")
-        if not isinstance(self.target_new, str) or not self.target_new.strip():
-            fail("target_new", f"expected a non-empty string; got {self.target_new!r}")
+        if not isinstance(self.subject, str) or not _visible(self.subject):
+            fail("subject", f"expected a non-empty string with a visible character; got {self.subject!r}")
+        if not isinstance(self.target_new, str) or not _visible(self.target_new):
+            fail("target_new", f"expected a non-empty string with a visible character; got {self.target_new!r}")
         if self.target_true is not None and (not isinstance(self.target_true, str) or not self.target_true.strip()):
             fail("target_true", f"expected a non-empty string or null; got {self.target_true!r}")
 
@@ -132,7 +137,7 @@ def detect_format(record: Any) -> str:
             return "counterfact"
         if "src" in record and "loc" in record:
             return "zsre"
-        if "prompt" in record and "subject" in record:
+        if len({"prompt", "subject", "target_new"} & set(record)) >= 2:  # plain, perhaps with a field missing
             return "plain"
     raise RecordError("cannot tell the format of this record: expected CounterFact ('requested_rewrite'), "
                       "zsRE MEND ('src', 'subject', 'loc', ...) or plain ('prompt', 'subject', 'target_new')")

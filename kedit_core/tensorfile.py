@@ -116,6 +116,50 @@ class TensorFile:
             raise self.fail(f"tensor {name!r} is unreadable ({_first_line(exc)})") from None
 
 
+# safetensors' own limit on the JSON header
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _read_header(path: Path, what: str) -> tuple[dict, dict[str, tuple[int, ...]], dict[str, str]]:
+    """``(raw metadata, shapes, dtypes)`` from the header alone: 8 bytes of little-endian length, then
+    JSON (the safetensors format). Read by hand because ``safe_open`` maps the whole file first, which a
+    header claiming terabytes makes fail (or succeed) for reasons that have nothing to do with the claim."""
+    def bad(message: str) -> TensorFileError:
+        return TensorFileError(f"{path} is not a readable safetensors {what} ({message})")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("shorter than a header")
+        length = int.from_bytes(head, "little")
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise bad(f"header of {length} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise bad(f"header is not JSON: {_first_line(exc)}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    raw_meta = header.pop("__metadata__", None)
+    shapes, dtypes = {}, {}
+    for name, info in header.items():
+        check_name(name, "tensor name", path)
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise bad(f"tensor {name!r} has no valid shape")
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if any(dim > MAX_DIM for dim in shape) or numel > MAX_NUMEL:
+            raise TensorFileError(f"{path}: tensor {name!r} claims shape {shape}, beyond what kedit reads (at most "
+                                  f"{MAX_DIM} per dimension and {MAX_NUMEL} elements)")
+        shapes[name] = tuple(shape)
+        dtypes[name] = str(info.get("dtype"))
+    return raw_meta if isinstance(raw_meta, dict) else {}, shapes, dtypes
+
+
 @contextlib.contextmanager
 def open_tensor_file(path: str | os.PathLike, *, what: str = "tensor file") -> Iterator[TensorFile]:
     """Open a safetensors file and validate its header (see the module docstring); yields a
@@ -127,28 +171,13 @@ def open_tensor_file(path: str | os.PathLike, *, what: str = "tensor file") -> I
         raise TensorFileError(f"{what} not found: {path}")
     if not path.is_file():
         raise TensorFileError(f"{path}: expected a {what}, found a directory or special file")
+    raw_meta, shapes, dtypes = _read_header(path, what)   # validated before anything is mapped or allocated
     try:
-        handle_cm = safe_open(str(path), framework="pt")
+        handle_cm = safe_open(str(path), framework="pt")   # checks offsets, sizes and coverage of the data
         handle = handle_cm.__enter__()
     except Exception as exc:
         raise TensorFileError(f"{path} is not a readable safetensors {what} ({_first_line(exc)})") from None
     try:
-        try:
-            raw_meta = handle.metadata()
-            names = list(handle.keys())
-            slices = {name: handle.get_slice(name) for name in names}
-            shapes = {name: tuple(int(s) for s in sl.get_shape()) for name, sl in slices.items()}
-            dtypes = {name: str(sl.get_dtype()) for name, sl in slices.items()}
-        except Exception as exc:
-            raise TensorFileError(f"{path} has an unreadable header ({_first_line(exc)})") from None
-        for name, shape in shapes.items():
-            check_name(name, "tensor name", path)
-            numel = 1
-            for dim in shape:
-                numel *= dim
-            if any(dim > MAX_DIM for dim in shape) or numel > MAX_NUMEL:
-                raise TensorFileError(f"{path}: tensor {name!r} claims shape {list(shape)}, beyond what kedit "
-                                      f"reads (at most {MAX_DIM} per dimension and {MAX_NUMEL} elements)")
         yield TensorFile(path, read_safetensors_metadata(raw_meta), shapes, dtypes, handle)
     finally:
         handle_cm.__exit__(None, None, None)

@@ -139,6 +139,13 @@ class CovarianceFactors:
             if tuple(mom2.shape) != (d_k, d_k):
                 raise KeditError(f"covariance statistics for layer {layer} ({moment.origin}) are "
                                  f"{tuple(mom2.shape)}; this model's keys need {d_k}x{d_k}")
+            # Cheap necessary conditions for a second moment (the full check is the Cholesky factor the
+            # fast solvers compute; the published solves would run on without one).
+            diagonal = torch.diagonal(mom2)
+            if not torch.isfinite(mom2).all() or bool((diagonal < 0).any()) or not bool((diagonal > 0).any()):
+                raise NumericalError(f"covariance statistics for layer {layer} ({moment.origin}) are not a second "
+                                     "moment: NaN/inf values, a negative diagonal or all zeros (indefinite or "
+                                     "singular C0); recompute them")
             self._moments[layer] = mom2
             self._digests[layer] = moment_digest(mom2)
             self.origins[layer] = moment.origin
