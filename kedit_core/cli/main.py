@@ -69,17 +69,17 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"kedit: warning: {_one_line(message)}", file=file if file is not None else sys.stderr)
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"kedit: warning: {_one_line(message)}\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("KEDIT_TRACEBACK", "") in {"1", "true", "yes"}
     argv = [a for a in argv if a != "--debug"]
-    previous_showwarning = warnings.showwarning
-    if not debug:
-        warnings.showwarning = _show_warning
+    previous_format = warnings.formatwarning
+    if not debug:  # warnings as one line each, like errors (not the source line that raised them)
+        warnings.formatwarning = _format_warning
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "the traceback, and please report it)", file=sys.stderr)
         return EXIT_RUNTIME
     finally:
-        warnings.showwarning = previous_showwarning
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 
@@ -74,4 +75,8 @@ def main_lines(argv, capsys) -> tuple[int, list[str]]:
     except SystemExit as exc:  # argparse's usage errors
         code = exc.code
     err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.strip()]
+    return code, [line for line in err.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
+
+
+# transformers' "Loading weights: 100%|...| 29/29" bars: output while working, not part of an error
+PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+")
