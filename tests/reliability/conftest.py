@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import kedit_core as kedit
 from kedit_core.stats import InMemoryCovariance
 from kedit_core.testing import tiny_model
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = [["{}"]]
 # MEMIT on one layer with two value steps: enough to run every phase of an edit in well under a second.
 EDIT = dict(layers=[1], v_num_grad_steps=2, mom2_update_weight=1.0, clamp_norm_factor=4.0, v_weight_decay=1e-3)
@@ -80,3 +82,13 @@ def main_lines(argv, capsys) -> tuple[int, list[str]]:
 
 # transformers' "Loading weights: 100%|...| 29/29" bars: output while working, not part of an error
 PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+")
+
+
+def tiny_for_resume():
+    """The model the process-fault tests use in a killed process and again in the test (same seed)."""
+    return tiny_model("gpt2", num_layers=2, hidden_size=32, context_length=64, seed=3)
+
+
+def three_requests():
+    return requests() + [kedit.EditRequest("The birthplace of {}", "Albert Einstein", "Tokyo", "Ulm", case_id=2)]
+
