@@ -245,7 +245,10 @@ def small_filesystem(tmp_path):
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small filesystem here: {result.stderr.decode().strip()}")
     yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    import gc
+
+    gc.collect()                                          # drop any mapping of a file there
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def test_disk_full_on_a_real_small_filesystem(small_filesystem):
