@@ -82,8 +82,9 @@ class Deltas:
             fields = {"editor": (str,), "hparams": (dict,), "requests_sha256": (str, type(None)),
                       "base_fingerprint": (str, type(None)), "extra": (dict,), "tensors_sha256": (dict,)}
             for key, types in fields.items():
-                if not isinstance(meta.get(key), types):
-                    raise f.fail(f"metadata field {key!r} is {meta.get(key)!r}; expected "
+                if key not in meta or not isinstance(meta[key], types):
+                    got = f"is {meta[key]!r}" if key in meta else "is missing"
+                    raise f.fail(f"metadata field {key!r} {got}; expected "
                                  f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}")
             hashes = meta["tensors_sha256"]
             if sorted(hashes) != f.names:
