@@ -176,7 +176,7 @@ def add_deltas_(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[s
             # A sum that overflows the parameter's dtype (bf16/fp16) would ship inf weights: refuse it.
             if not torch.isfinite(updated).all() and torch.isfinite(originals[name]).all():
                 raise NumericalError(f"adding the delta to {name} gives NaN or infinite values in "
-                                     f"{str(param.dtype).replace('torch.', '')} (largest |delta| "
+                                     f"{str(param.dtype).replace('torch.', '')} (largest absolute delta "
                                      f"{float(delta.abs().max()):.3g}); the model is left unchanged")
             param.copy_(updated)
     except BaseException:
