@@ -151,7 +151,8 @@ class FactTracer:
 
     def _answer_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """p(answer) at the last position of each row."""
-        return torch.softmax(logits[:, -1].float(), dim=-1)[:, self.answer_id]
+        last = logits[:, -1]
+        return torch.softmax(last.to(torch.promote_types(last.dtype, torch.float32)), dim=-1)[:, self.answer_id]
 
     # -- the two reference runs -----------------------------------------------------------------------
     @torch.no_grad()
@@ -164,9 +165,8 @@ class FactTracer:
         for kind in KINDS:
             self._clean[kind] = torch.stack([primary(td[self._names[kind](i)].output)[0]
                                              for i in range(self.num_layers)])  # [L, T, d]
-        last = logits[0, -1].float()
-        self.predicted_id = int(last.argmax())
-        self.p_clean = float(torch.softmax(last, dim=-1)[self.answer_id])
+        self.predicted_id = int(logits[0, -1].argmax())
+        self.p_clean = float(self._answer_probabilities(logits)[0])
         return self.p_clean, self.predicted_id
 
     @torch.no_grad()
