@@ -165,13 +165,16 @@ class HyperParams:
 # Published per-model defaults shipped as JSON files, and hyper-parameters given as command-line flags
 
 def model_name_keys(model) -> list[str]:
-    """The names a model's default hyper-parameter files may have, most specific first: the lowercased
-    hub name with ``/`` as ``_`` (``eleutherai_gpt-j-6b``), then its last component (``gpt-j-6b``).
+    """The names a model's default hyper-parameter files may have, most specific first: a zoo alias
+    (``smollm2-135m``), the lowercased hub name with ``/`` as ``_`` (``eleutherai_gpt-j-6b``), then its
+    last component (``gpt-j-6b``).
     ``model`` is a :class:`~kedit_core.models.LoadedModel` (its ``source``) or a name/path string."""
+    alias = (getattr(model, "info", None) or {}).get("alias")   # a zoo model, loaded from kedit's cache
     source = str(getattr(model, "source", model)).rstrip("/\\")
     if not source or source.startswith("<"):
-        return []
-    keys = [source.replace("\\", "/").lower().replace("/", "_"), Path(source).name.lower()]
+        return [alias.lower()] if alias else []
+    keys = [alias.lower() if alias else "", source.replace("\\", "/").lower().replace("/", "_"),
+            Path(source).name.lower()]
     return list(dict.fromkeys(k for k in keys if k))
 
 

@@ -63,14 +63,19 @@ def _sample(model, prompt: str, count: int, max_tokens: int, top_k: int, generat
     if not ids:
         raise KeditError(f"context templates: the seed prompt {prompt!r} tokenises to nothing")
     batch = torch.tensor([ids] * count, dtype=torch.long, device=model.device)
+    step, past = batch, None
     while batch.shape[1] < max_tokens:
-        logits = model.model(input_ids=batch, use_cache=False).logits[:, -1].float()
+        # One new token per step: the KV cache holds the rest, and only the last position's logits are made.
+        output = model.model(input_ids=step, past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = output.past_key_values
+        logits = output.logits[:, -1].float()
         probs = torch.softmax(logits, dim=-1)
         top = torch.topk(probs, top_k, dim=-1)
         weights = (top.values / top.values.sum(-1, keepdim=True)).cpu()
         # Sampled on the CPU so a seed gives the same draws on every device (for equal probabilities).
         choice = torch.multinomial(weights, 1, generator=generator).to(top.indices.device)
-        batch = torch.cat([batch, top.indices.gather(1, choice)], dim=1)
+        step = top.indices.gather(1, choice)
+        batch = torch.cat([batch, step], dim=1)
     return [_clean(tok.decode(row, skip_special_tokens=True)) for row in batch.tolist()]
 
 

@@ -22,7 +22,7 @@ from .counterfact import (GENERATION_METRICS, PROBABILITY_METRICS, ReferenceText
 from .datasets import CounterFactCase, ZsreCase, cases_from_records, load_cases
 from .facts import (Fact, FactProbe, FLearningMetrics, RetentionMetrics, accuracy, locality, predict_facts,
                     retention_metrics, token_agreement)
-from .generation import GenerationSettings, prompt_seed, sample_ids, sample_texts
+from .generation import GenerationSettings, greedy_completions, prompt_seed, sample_ids, sample_texts
 from .harness import EditPlan, EvalSettings, aggregate, evaluate_cases, run_evaluation
 from .report import format_summary, plot_before_after, plot_scaling, write_report
 from .text_metrics import TfidfModel, generation_entropy, ngram_entropy, word_tokenize

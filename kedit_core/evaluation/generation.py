@@ -20,7 +20,8 @@ import torch
 
 from ..text import encode, fit_prompt, model_context_length, supports_logits_to_keep
 
-__all__ = ["GenerationSettings", "sample_ids", "sample_texts", "prompt_seed", "uniform_draws", "top_k_choice"]
+__all__ = ["GenerationSettings", "greedy_completions", "sample_ids", "sample_texts", "prompt_seed", "uniform_draws",
+           "top_k_choice"]
 
 
 @dataclass(frozen=True)
@@ -134,3 +135,30 @@ def sample_texts(model, tokenizer, prompts: Sequence[str], seeds: Sequence[int],
     special = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
     return [_clean(tokenizer.decode(row), special)
             for row in sample_ids(model, tokenizer, prompts, seeds, settings, progress=progress)]
+
+
+@torch.no_grad()
+def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 12) -> list[str]:
+    """The model's own greedy continuation of each prompt (what a user sees when they ask it), cut at
+    the first newline or end-of-text token. One prompt at a time with a KV cache: no padding, so any
+    architecture gives its plain answer."""
+    device = next(model.parameters()).device
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([encode(tokenizer, prompt)], device=device)
+        new: list[int] = []
+        past = None
+        step = ids
+        for _ in range(max_new_tokens):
+            output = model(input_ids=step, past_key_values=past, use_cache=True)
+            past = output.past_key_values
+            token = int(output.logits[0, -1].argmax())
+            if token == eos:
+                break
+            new.append(token)
+            if "\n" in tokenizer.decode(new):
+                break
+            step = torch.tensor([[token]], device=device)
+        out.append(tokenizer.decode(new, skip_special_tokens=True).split("\n")[0])
+    return out

@@ -5,7 +5,7 @@ from kedit_core.cli.main import main
 
 def test_demo_edits_the_toy_model_and_writes_json_and_png(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "-n", "5", "--out", str(out), "--stats-dir", str(tmp_path / "stats"), "--quiet"]) == 0
+    assert main(["demo", "--model", "toy", "-n", "5", "--out", str(out), "--stats-dir", str(tmp_path / "stats"), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "ES" in printed and "recall" in printed and "before" in printed
     result = json.loads((out / "demo.json").read_text())
@@ -18,7 +18,7 @@ def test_demo_edits_the_toy_model_and_writes_json_and_png(tmp_path, capsys):
 
 
 def test_demo_refuses_bad_input_in_one_line(tmp_path, capsys):
-    assert main(["demo", "-n", "0", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "--model", "toy", "-n", "0", "--out", str(tmp_path)]) == 2
     assert "--num-edits 0" in capsys.readouterr().err
     assert main(["demo", "--method", "nope", "--out", str(tmp_path)]) == 2
     assert "no editor named 'nope'" in capsys.readouterr().err
