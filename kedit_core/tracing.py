@@ -29,10 +29,10 @@ class StopForward(Exception):
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
-    for n, m in model.named_modules():
-        if n == name:
-            return m
-    raise LookupError(f"{type(model).__name__} has no module named {name!r}")
+    try:  # a walk down the dotted path: hooking many modules per forward must not scan the whole model each time
+        return model.get_submodule(name)
+    except AttributeError:
+        raise LookupError(f"{type(model).__name__} has no module named {name!r}") from None
 
 
 def primary(output: Any) -> torch.Tensor:
