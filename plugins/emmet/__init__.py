@@ -1,6 +1,7 @@
 """EMMET (Gupta et al. 2024, "A Unified Framework for Model Editing"): batched ROME with equality
-constraints, ``Δ = R (Kᵀ C⁻¹ K + λ_e I)⁻¹ Kᵀ C⁻¹`` with ``C = w · C0 + μ I``, spread over layers as MEMIT
-does. Composes the same core pieces as MEMIT (:mod:`kedit_core.editing`); only the solve differs.
+constraints, ``Δ = R (Kᵀ C⁻¹ K + λ_e I)⁻¹ Kᵀ C⁻¹`` with ``C = w · C0 + (μ + λ_n) I``, spread over layers as
+MEMIT does (μ = ``update_norm_lambda`` is ENCORE's per-batch norm penalty as the reference names it; λ_n =
+``norm_constraint`` the same penalty on the cumulative update in an editing session). Composes the same core pieces as MEMIT (:mod:`kedit_core.editing`); only the solve differs.
 Settings follow ``scalable-model-editing/unified-model-editing``'s ``hparams/EMMET``.
 """
 from __future__ import annotations
@@ -11,12 +12,13 @@ from typing import Literal
 
 import kedit_core
 from kedit_core import Editor
-from kedit_core.editing import (LocateEditHParams, check_architecture_strings, check_layers, compute_batch_edit,
-                                covariance_factors, emmet_solve, inferred_layers, published_defaults)
+from kedit_core.editing import (BatchEditHParams, check_architecture_strings, check_layers, compute_batch_edit,
+                                covariance_factors, covariance_solve, emmet_solve, inferred_layers,
+                                published_defaults)
 
 
 @dataclass(frozen=True)
-class EmmetHParams(LocateEditHParams):
+class EmmetHParams(BatchEditHParams):
     """EMMET's hyper-parameters; the keys of the published ``hparams/EMMET/*.json`` files."""
 
     layer_selection: Literal["all", "random"] = "all"
@@ -55,13 +57,14 @@ class EmmetEditor(Editor):
                           "reference's diagnostic distances", stacklevel=2)
         layers = list(hp.layers or inferred_layers(model.adapter.num_layers, 1)[-1:])
         factors = covariance_factors(model, hp, context, layers, scale=hp.mom2_update_weight,
-                                     shift=hp.update_norm_lambda)
+                                     shift=hp.update_norm_lambda + hp.norm_constraint)
         method = "reference" if hp.reference else hp.solver
 
         def solve(factors, layer, keys):
             return emmet_solve(factors, layer, keys, hp.emmet_lambda, method)
 
-        return compute_batch_edit(model, requests, hp, context, layers=layers, solve=solve, factors=factors)
+        return compute_batch_edit(model, requests, hp, context, layers=layers, solve=solve, factors=factors,
+                                  regulariser_solve=covariance_solve)
 
 
 @kedit_core.hookimpl
