@@ -117,11 +117,11 @@ class _BaseModelStatistics:
         self.factor_cache_dir = getattr(inner, "factor_cache_dir", None)
 
     def prepare(self, model, layers) -> None:
-        with self.session.at_base():
+        with self.session.viewing(0):
             self.inner.prepare(model, layers)
 
     def moment(self, model, layer):
-        with self.session.at_base():
+        with self.session.viewing(0):
             return self.inner.moment(model, layer)
 
 
@@ -315,17 +315,24 @@ class EditSession:
         self._applied = 0
 
     @contextlib.contextmanager
-    def at_base(self) -> Iterator[None]:
-        """The base weights for the duration of a ``with`` block, then the batches re-applied exactly."""
-        if not self._base:
+    def viewing(self, k: int) -> Iterator[None]:
+        """The model after batch ``k`` for the duration of a ``with`` block; afterwards it holds every batch
+        again (exactly). Nothing on disk changes."""
+        n = len(self.manifest["batches"])
+        if not 0 <= k <= n:
+            raise KeditError(f"batch {k}: the session holds batches 1..{n} (0 is the base model)")
+        if k == n:
             yield
             return
+        deltas = [self._read_deltas(record) for record in self.manifest["batches"][:k]]
         params = dict(self.model.model.named_parameters(remove_duplicate=False))
         current = {name: params[name].detach().clone() for name in self._base}
-        with torch.no_grad():
-            for name, w0 in self._base.items():
-                params[name].copy_(w0)
         try:
+            with torch.no_grad():
+                for name, w0 in self._base.items():
+                    params[name].copy_(w0)
+            for d in deltas:
+                add_deltas_(self.model.model, d.tensors)
             yield
         finally:
             with torch.no_grad():
@@ -334,25 +341,11 @@ class EditSession:
 
     def save_model(self, out: str | Path, *, upto: int | None = None) -> Path:
         """Write the model with the first ``upto`` batches (default: all) as a transformers checkpoint."""
-        n = len(self.manifest["batches"])
-        upto = n if upto is None else upto
-        if not 0 <= upto <= n:
-            raise KeditError(f"--upto {upto}: the session holds batches 1..{n}")
+        upto = len(self.manifest["batches"]) if upto is None else upto
         out = Path(out)
-        params = dict(self.model.model.named_parameters(remove_duplicate=False))
-        current = {name: params[name].detach().clone() for name in self._base}
-        try:
-            if upto < n:
-                self.restore_base()
-                for record in self.manifest["batches"][:upto]:
-                    add_deltas_(self.model.model, self._read_deltas(record).tensors)
+        with self.viewing(upto):
             self.model.model.save_pretrained(out)
             self.model.tokenizer.save_pretrained(out)
-        finally:
-            with torch.no_grad():
-                for name, w in current.items():
-                    params[name].copy_(w)
-            self._applied = n
         write_json_atomic(out / "kedit_session.json", {"session": str(self.directory), "batches": upto,
                                                        "base_fingerprint": self.base_fingerprint,
                                                        "editors": [b["editor"] for b in self.manifest["batches"][:upto]]})
