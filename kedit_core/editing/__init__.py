@@ -4,7 +4,7 @@ covariance factors and solvers, the multi-layer batch update, and shared hyper-p
 
 Every piece exists once here; an editor only decides how to combine them.
 """
-from .batch import (compute_batch_edit, covariance_factors, cumulative_drift, delta_dtype, value_settings,
+from .batch import (BatchEditor, compute_batch_edit, covariance_factors, cumulative_drift, delta_dtype, value_settings,
                     warn_conflicts)
 from .hparams import (BatchEditHParams, LocateEditHParams, check_architecture_strings, check_layers, inferred_layers,
                       published_defaults)
@@ -18,7 +18,7 @@ from .templates import (MEMIT_RECIPE, TemplateRecipe, flatten_templates, generat
 from .values import Injection, ValueResult, ValueSettings, optimise_values_batched, optimise_values_reference
 
 __all__ = [
-    "BatchEditHParams", "alphaedit_regulariser_solve", "alphaedit_solve", "covariance_solve", "cumulative_drift",
+    "BatchEditHParams", "BatchEditor", "alphaedit_regulariser_solve", "alphaedit_solve", "covariance_solve", "cumulative_drift",
     "Capture", "CovarianceFactors", "EncodedPrompt", "FACT_TOKENS", "FactorCache", "Injection", "KL_PROMPT",
     "LocateEditHParams", "MEMIT_RECIPE", "TemplateRecipe", "TokenRows", "ValueResult", "ValueSettings",
     "check_architecture_strings", "check_layers", "collect", "compute_batch_edit", "covariance_factors", "delta_dtype",

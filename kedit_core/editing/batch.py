@@ -27,28 +27,55 @@ session changed. The editor folds ``λ_n I`` into C (so ``X`` already carries it
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..deltas import Deltas, temporarily_applied
-from ..editors import EditContext, EditResult, PhaseTimer
+from ..editors import EditContext, Editor, EditResult, PhaseTimer
 from ..errors import KeditError
 from ..requests import EditRequest, check_conflicts
-from .hparams import LocateEditHParams
+from .hparams import (LocateEditHParams, check_architecture_strings, check_layers, inferred_layers,
+                      published_defaults)
 from .keys import Capture, LayerByLayerKeys, collect, group_mean_weights, rows_with_bare_prompts
 from .rows import value_rows
 from .solvers import CovarianceFactors
 from .templates import MEMIT_RECIPE, flatten_templates, resolve_context_templates
 from .values import Injection, ValueSettings, ValueStore, optimise_values_batched, optimise_values_reference
 
-__all__ = ["compute_batch_edit", "covariance_factors", "value_settings", "delta_dtype", "warn_conflicts",
+__all__ = ["BatchEditor", "compute_batch_edit", "covariance_factors", "value_settings", "delta_dtype", "warn_conflicts",
            "cumulative_drift"]
 
 SolveFn = Callable[[CovarianceFactors, int, torch.Tensor], torch.Tensor]
 # ``C⁻¹ B`` for the editor's preservation matrix C (its λ_n I included) and B ``[d_k, m]``.
 RegulariserSolveFn = Callable[[CovarianceFactors, int, torch.Tensor], torch.Tensor]
+
+
+class BatchEditor(Editor):
+    """Base of the multi-layer batch editors (MEMIT, EMMET, AlphaEdit): the published settings shipped in
+    the plugin's ``hparams/`` when they fit the model, else ``inferred_layer_count`` inferred layers;
+    layers must exist and ascend. Subclasses set ``name``, ``HParams`` and implement ``compute``."""
+
+    uses_covariance = True
+    inferred_layer_count: ClassVar[int] = 5
+
+    @classmethod
+    def inferred_layers_for(cls, model) -> list[int]:
+        return inferred_layers(model.adapter.num_layers, cls.inferred_layer_count)
+
+    @classmethod
+    def default_hparams(cls, model):
+        found = published_defaults(cls.HParams, cls.__module__, model)
+        return found if found is not None else cls.HParams(layers=cls.inferred_layers_for(model))
+
+    @classmethod
+    def check_hparams(cls, hparams, model) -> None:
+        check_layers(hparams, model, ascending=True)
+        check_architecture_strings(hparams, model)
+
+    def edited_layers(self, model) -> list[int]:
+        return list(self.hparams.layers or self.inferred_layers_for(model))
 
 
 def warn_conflicts(requests: Sequence[EditRequest], context: EditContext, *, batch: bool = True) -> list[str]:

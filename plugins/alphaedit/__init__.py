@@ -22,10 +22,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import kedit_core
-from kedit_core import Editor
-from kedit_core.editing import (BatchEditHParams, alphaedit_regulariser_solve, alphaedit_solve,
-                                check_architecture_strings, check_layers, compute_batch_edit, covariance_factors,
-                                inferred_layers, published_defaults)
+from kedit_core.editing import (BatchEditHParams, BatchEditor, alphaedit_regulariser_solve, alphaedit_solve,
+                                compute_batch_edit, covariance_factors)
 
 
 @dataclass(frozen=True)
@@ -43,25 +41,14 @@ class AlphaEditHParams(BatchEditHParams):
         self.require(self.L2 > 0, "L2", "must be positive (the projected system is singular without it)")
 
 
-class AlphaEditEditor(Editor):
+class AlphaEditEditor(BatchEditor):
     name = "alphaedit"
     summary = "AlphaEdit: MEMIT's update projected onto the null space of C0 and of earlier edits' keys"
     HParams = AlphaEditHParams
-    uses_covariance = True
-
-    @classmethod
-    def default_hparams(cls, model):
-        found = published_defaults(AlphaEditHParams, __name__, model)
-        return found if found is not None else AlphaEditHParams(layers=inferred_layers(model.adapter.num_layers, 5))
-
-    @classmethod
-    def check_hparams(cls, hparams, model) -> None:
-        check_layers(hparams, model, ascending=True)
-        check_architecture_strings(hparams, model)
 
     def compute(self, model, requests, context):
         hp = self.hparams
-        layers = list(hp.layers or inferred_layers(model.adapter.num_layers, 5))
+        layers = self.edited_layers(model)
         factors = covariance_factors(model, hp, context, layers)
         preserved = dict(context.preserved_keys or {})
         # λ_n of the norm constraint joins the ridge: both penalise ‖Δ‖²_F on the kept directions.

@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import kedit_core
-from kedit_core import Editor
-from kedit_core.editing import (BatchEditHParams, check_architecture_strings, check_layers, compute_batch_edit,
-                                covariance_factors, covariance_solve, emmet_solve, inferred_layers,
-                                published_defaults)
+from kedit_core.editing import BatchEditHParams, BatchEditor, compute_batch_edit, covariance_factors, covariance_solve, \
+    emmet_solve
 
 
 @dataclass(frozen=True)
@@ -34,28 +32,18 @@ class EmmetHParams(BatchEditHParams):
         self.require(self.emmet_lambda >= 0, "emmet_lambda", "must be >= 0")
 
 
-class EmmetEditor(Editor):
+class EmmetEditor(BatchEditor):
     name = "emmet"
     summary = "EMMET: equality-constrained batch edits, Δ = R(KᵀC⁻¹K + λI)⁻¹KᵀC⁻¹"
     HParams = EmmetHParams
-    uses_covariance = True
-
-    @classmethod
-    def default_hparams(cls, model):
-        found = published_defaults(EmmetHParams, __name__, model)
-        return found if found is not None else EmmetHParams(layers=inferred_layers(model.adapter.num_layers, 1)[-1:])
-
-    @classmethod
-    def check_hparams(cls, hparams, model) -> None:
-        check_layers(hparams, model, ascending=True)
-        check_architecture_strings(hparams, model)
+    inferred_layer_count = 1
 
     def compute(self, model, requests, context):
         hp = self.hparams
         if hp.calculate_objective_value:
             warnings.warn("EMMET: calculate_objective_value is accepted but kedit does not compute the "
                           "reference's diagnostic distances", stacklevel=2)
-        layers = list(hp.layers or inferred_layers(model.adapter.num_layers, 1)[-1:])
+        layers = self.edited_layers(model)
         factors = covariance_factors(model, hp, context, layers, scale=hp.mom2_update_weight,
                                      shift=hp.update_norm_lambda + hp.norm_constraint)
         method = "reference" if hp.reference else hp.solver

@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import kedit_core
-from kedit_core import Editor
-from kedit_core.editing import (BatchEditHParams, check_architecture_strings, check_layers, compute_batch_edit,
-                                covariance_factors, covariance_solve, inferred_layers, memit_solve,
-                                published_defaults)
+from kedit_core.editing import BatchEditHParams, BatchEditor, compute_batch_edit, covariance_factors, covariance_solve, \
+    memit_solve
 
 
 @dataclass(frozen=True)
@@ -29,25 +27,14 @@ class MemitHParams(BatchEditHParams):
         self.require(self.mom2_update_weight > 0, "mom2_update_weight", "must be positive")
 
 
-class MemitEditor(Editor):
+class MemitEditor(BatchEditor):
     name = "memit"
     summary = "MEMIT: batch edits spread over several MLP layers, Δ = R Kᵀ(λC0 + KKᵀ)⁻¹"
     HParams = MemitHParams
-    uses_covariance = True
-
-    @classmethod
-    def default_hparams(cls, model):
-        found = published_defaults(MemitHParams, __name__, model)
-        return found if found is not None else MemitHParams(layers=inferred_layers(model.adapter.num_layers, 5))
-
-    @classmethod
-    def check_hparams(cls, hparams, model) -> None:
-        check_layers(hparams, model, ascending=True)
-        check_architecture_strings(hparams, model)
 
     def compute(self, model, requests, context):
         hp = self.hparams
-        layers = list(hp.layers or inferred_layers(model.adapter.num_layers, 5))
+        layers = self.edited_layers(model)
         factors = covariance_factors(model, hp, context, layers, scale=hp.mom2_update_weight,
                                      shift=hp.norm_constraint)
         method = "reference" if hp.reference else hp.solver

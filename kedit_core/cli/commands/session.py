@@ -116,20 +116,14 @@ def run(args) -> int:
     if args.action == "add":
         from ... import load_requests
         from ...editors import get_editor
-        from ...hparams import parse_assignments
         from ...stats import source_from_args
-        from .edit import parse_layers
+        from .edit import hparam_overrides
 
         requests = load_requests(args.requests, args.format, limit=args.limit)
         if not requests:
             raise KeditError(f"{args.requests}: no requests (an empty batch cannot be added)")
         editor_cls = get_editor(args.method)
-        overrides = parse_assignments(editor_cls.HParams, args.set)
-        layers = parse_layers(args.layers)
-        if layers is not None:
-            overrides["layers"] = layers
-        if args.mode is not None:
-            overrides["mode"] = args.mode
+        overrides = hparam_overrides(editor_cls, args)
         stats = source_from_args(args)
         session = _open(args)
 
