@@ -113,8 +113,7 @@ class _BaseModelStatistics:
     statistics computed now are those of the base model, as every batch of a sequential edit uses them."""
 
     def __init__(self, inner, session: "EditSession"):
-        self.inner, self.session = inner, session
-        self.factor_cache_dir = getattr(inner, "factor_cache_dir", None)
+        self.inner, self.session = inner, session  # factor and null-space caches are the inner source's
 
     def prepare(self, model, layers) -> None:
         with self.session.viewing(0):

@@ -104,7 +104,10 @@ _FALLBACK_CACHES: dict[int, FactorCache] = {}
 
 def factor_cache_for(source) -> FactorCache:
     """The factor cache that lives beside a covariance source: one per source object, on disk in the
-    source's ``factor_cache_dir`` when it names one."""
+    source's ``factor_cache_dir`` when it names one. A source that wraps another (``inner``, e.g. an editing
+    session's view of the base model's statistics) shares the inner source's cache."""
+    while getattr(source, "inner", None) is not None:
+        source = source.inner
     try:
         cache = _CACHES.get(source)
     except TypeError:  # not weak-referenceable
