@@ -12,7 +12,9 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
 
 import torch
 
@@ -44,6 +46,12 @@ class EditContext:
     work_dir: str | Path | None = None
     # The base model's fingerprint (compute_edit fills it in; it keys what work_dir holds).
     base_fingerprint: str | None = None
+    # Sequential editing (kedit_core.session fills these in for every batch after the first):
+    # Σ K_p K_pᵀ per layer over the keys earlier batches wrote ([d_k, d_k] float64), which AlphaEdit keeps
+    # its update away from; and the weights before the first batch (by parameter name, in the parameter's
+    # own layout), for penalties on the cumulative update W_k - W_0.
+    preserved_keys: Mapping[int, torch.Tensor] | None = None
+    base_weights: Mapping[str, torch.Tensor] | None = None
 
     def say(self, message: str) -> None:
         if self.log is not None:
@@ -75,6 +83,9 @@ class EditResult:
     deltas: Deltas
     timings: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    # The keys written at each edited layer, ``[N, d_k]`` per layer (the multi-layer batch editors report
+    # them): an editing session sums ``K Kᵀ`` over batches into ``EditContext.preserved_keys``.
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Editor(abc.ABC):

@@ -19,7 +19,7 @@ from ..errors import EXIT_INPUT, EXIT_RUNTIME, KeditError, PluginError
 
 # Core subcommands, in the order `kedit --help` lists them (each module defines NAME, HELP,
 # add_arguments(parser) and run(args)).
-BUILTIN_COMMAND_MODULES = ("demo", "models", "plugins", "stats", "edit", "eval", "trace", "toyworld")
+BUILTIN_COMMAND_MODULES = ("demo", "models", "plugins", "stats", "edit", "eval", "session", "trace", "toyworld")
 
 
 def _builtin_commands():

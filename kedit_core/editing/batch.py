@@ -16,29 +16,66 @@ keys and ``H`` with one full pass per layer that stops after block L, as publish
 (:class:`~kedit_core.editing.keys.LayerByLayerKeys`) resumes each layer's pass from the cached output
 of the blocks that no longer change, so all layers together cost about one forward. The editor
 supplies ``solve``.
+
+ENCORE's norm constraint on the cumulative update (``norm_constraint`` λ_n, see
+:class:`~kedit_core.editing.hparams.BatchEditHParams`): every editor here minimises, per layer,
+``‖Δ K − R‖² + tr(Δ C Δᵀ)`` with its own preservation matrix C (MEMIT ``λC0``, AlphaEdit the null-space
+form) plus, with the constraint, ``λ_n ‖D + Δ‖²`` where ``D = W_k − W_0`` is what earlier batches of the
+session changed. The editor folds ``λ_n I`` into C (so ``X`` already carries it) and the drift adds
+``−λ_n D (C⁻¹ − C⁻¹ K Xᵀ)``: the same ``X`` and one more solve against C (``regulariser_solve``).
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..deltas import Deltas, temporarily_applied
-from ..editors import EditContext, EditResult, PhaseTimer
+from ..editors import EditContext, Editor, EditResult, PhaseTimer
 from ..errors import KeditError
 from ..requests import EditRequest, check_conflicts
-from .hparams import LocateEditHParams
+from .hparams import (LocateEditHParams, check_architecture_strings, check_layers, inferred_layers,
+                      published_defaults)
 from .keys import Capture, LayerByLayerKeys, collect, group_mean_weights, rows_with_bare_prompts
 from .rows import value_rows
 from .solvers import CovarianceFactors
 from .templates import MEMIT_RECIPE, flatten_templates, resolve_context_templates
 from .values import Injection, ValueSettings, ValueStore, optimise_values_batched, optimise_values_reference
 
-__all__ = ["compute_batch_edit", "covariance_factors", "value_settings", "delta_dtype", "warn_conflicts"]
+__all__ = ["BatchEditor", "compute_batch_edit", "covariance_factors", "value_settings", "delta_dtype", "warn_conflicts",
+           "cumulative_drift"]
 
 SolveFn = Callable[[CovarianceFactors, int, torch.Tensor], torch.Tensor]
+# ``C⁻¹ B`` for the editor's preservation matrix C (its λ_n I included) and B ``[d_k, m]``.
+RegulariserSolveFn = Callable[[CovarianceFactors, int, torch.Tensor], torch.Tensor]
+
+
+class BatchEditor(Editor):
+    """Base of the multi-layer batch editors (MEMIT, EMMET, AlphaEdit): the published settings shipped in
+    the plugin's ``hparams/`` when they fit the model, else ``inferred_layer_count`` inferred layers;
+    layers must exist and ascend. Subclasses set ``name``, ``HParams`` and implement ``compute``."""
+
+    uses_covariance = True
+    inferred_layer_count: ClassVar[int] = 5
+
+    @classmethod
+    def inferred_layers_for(cls, model) -> list[int]:
+        return inferred_layers(model.adapter.num_layers, cls.inferred_layer_count)
+
+    @classmethod
+    def default_hparams(cls, model):
+        found = published_defaults(cls.HParams, cls.__module__, model)
+        return found if found is not None else cls.HParams(layers=cls.inferred_layers_for(model))
+
+    @classmethod
+    def check_hparams(cls, hparams, model) -> None:
+        check_layers(hparams, model, ascending=True)
+        check_architecture_strings(hparams, model)
+
+    def edited_layers(self, model) -> list[int]:
+        return list(self.hparams.layers or self.inferred_layers_for(model))
 
 
 def warn_conflicts(requests: Sequence[EditRequest], context: EditContext, *, batch: bool = True) -> list[str]:
@@ -77,9 +114,30 @@ def delta_dtype(model) -> torch.dtype:
     return torch.float64 if model.dtype == torch.float64 else torch.float32
 
 
+def cumulative_drift(model, context: EditContext, layer: int) -> torch.Tensor | None:
+    """``D = W_k − W_0`` of ``layer``'s MLP output projection (``[d, d_k]``, float64) in an editing session
+    (``context.base_weights``), or None when it is zero or unknown."""
+    if not context.base_weights:
+        return None
+    adapter = model.adapter
+    name = adapter.mlp_out_weight_name(layer)
+    base = context.base_weights.get(name)
+    if base is None:
+        return None
+    current = adapter.mlp_out_weight(layer).detach()
+    drift = adapter.from_param_layout(current.to(torch.float64) - base.to(current.device, torch.float64))
+    return drift if bool(drift.any()) else None
+
+
 def compute_batch_edit(model, requests: Sequence[EditRequest], hp: LocateEditHParams, context: EditContext, *,
-                       layers: list[int], solve: SolveFn, factors: CovarianceFactors) -> EditResult:
-    """Run the batch update (module docstring) and return the deltas with timings and diagnostics."""
+                       layers: list[int], solve: SolveFn, factors: CovarianceFactors,
+                       regulariser_solve: RegulariserSolveFn | None = None,
+                       prepare: Callable[[CovarianceFactors], None] | None = None) -> EditResult:
+    """Run the batch update (module docstring) and return the deltas with timings and diagnostics.
+    ``regulariser_solve`` is needed for a norm constraint on the cumulative update (``hp.norm_constraint``
+    with scope ``"cumulative"``) inside an editing session. ``prepare`` computes what the solves need from
+    the statistics before the values are optimised (default: the Cholesky factors of C when the solver
+    uses them), so bad statistics fail before the expensive phase."""
     adapter, tok = model.adapter, model.tokenizer
     timer = PhaseTimer()
     found = warn_conflicts(requests, context, batch=True)
@@ -91,7 +149,9 @@ def compute_batch_edit(model, requests: Sequence[EditRequest], hp: LocateEditHPa
         templates = flatten_templates(groups)
     with timer("statistics"):
         factors.prepare()
-        if not hp.reference and hp.solver in ("auto", "woodbury"):
+        if prepare is not None:
+            prepare(factors)
+        elif not hp.reference and hp.solver in ("auto", "woodbury"):
             factors.factor_all()
     with timer("values"):
         rows, target_lengths = value_rows(tok, requests, templates, fact_token=hp.fact_token, rule=rule,
@@ -120,8 +180,14 @@ def compute_batch_edit(model, requests: Sequence[EditRequest], hp: LocateEditHPa
     weights = group_mean_weights(groups)
     template_rows = [r for r in range(len(krows)) if krows.kind[r] == "prompt"]
     deltas: dict[str, torch.Tensor] = {}
+    written_keys: dict[int, torch.Tensor] = {}
     info_layers = {}
     dtype = delta_dtype(model)
+    norm_weight = float(getattr(hp, "norm_constraint", 0.0))
+    cumulative = norm_weight > 0 and getattr(hp, "norm_constraint_scope", "batch") == "cumulative"
+    if cumulative and regulariser_solve is None:
+        raise KeditError(f"{type(hp).__name__}: this editor does not support a norm constraint on the cumulative "
+                         "update (norm_constraint_scope='cumulative'); use 'batch'")
 
     def key_capture(layer: int) -> Capture:
         return Capture(adapter.mlp_out_name(layer), "input", template_rows, [krows.owner[r] for r in template_rows],
@@ -151,11 +217,17 @@ def compute_batch_edit(model, requests: Sequence[EditRequest], hp: LocateEditHPa
             residual = error / (len(layers) - i)
             if mlp_current is not None:
                 residual = adapter.mlp_output_change(layer, mlp_current, residual)
-            x = solve(factors, layer, keys.to(torch.float64).T)          # [d_k, N]
+            k64 = keys.to(torch.float64).T                                # [d_k, N]
+            x = solve(factors, layer, k64)                                # [d_k, N]
             update = residual.T.to(x.device) @ x.T                        # [d, d_k]
+            drift = cumulative_drift(model, context, layer) if cumulative else None
+            if drift is not None:  # − λ_n D (C⁻¹ − C⁻¹ K Xᵀ)
+                g = regulariser_solve(factors, layer, drift.T.to(x.device)).T          # D C⁻¹  [d, d_k]
+                update = update - norm_weight * (g - (g @ k64.to(x.device)) @ x.T)
+            written_keys[layer] = keys.detach().to("cpu")
             deltas[adapter.mlp_out_weight_name(layer)] = adapter.to_param_layout(update).to(dtype).contiguous()
         info_layers[layer] = {"z_error_mean": float(error.norm(dim=1).mean()), "update_norm": float(update.norm())}
-    result = EditResult(Deltas(deltas), timings=dict(timer.seconds))
+    result = EditResult(Deltas(deltas), timings=dict(timer.seconds), keys=written_keys)
     extra = result.deltas.extra
     extra["context_templates"] = groups
     extra["context_templates_origin"] = template_record

@@ -26,7 +26,7 @@ from ..hparams import HyperParams, find_model_defaults
 from .positions import FACT_TOKENS
 from .solvers import SOLVERS
 
-__all__ = ["LocateEditHParams", "check_architecture_strings", "check_layers", "published_defaults",
+__all__ = ["LocateEditHParams", "BatchEditHParams", "check_architecture_strings", "check_layers", "published_defaults",
            "inferred_layers", "REFERENCE_BOOKKEEPING_KEYS"]
 
 REFERENCE_BOOKKEEPING_KEYS = frozenset({"model_name", "alg_name", "device", "stats_dir"})
@@ -92,6 +92,26 @@ class LocateEditHParams(HyperParams):
         """The block whose output the NLL reads: ``max(v_loss_layer, layer)`` as published."""
         last = model.adapter.num_layers - 1
         return max(last if self.v_loss_layer is None else self.v_loss_layer, layer)
+
+
+@dataclass(frozen=True)
+class BatchEditHParams(LocateEditHParams):
+    """Fields shared by the multi-layer batch editors (MEMIT, EMMET, AlphaEdit): ENCORE's norm constraint
+    (Gupta et al. 2025, "Lifelong Knowledge Editing requires Better Regularization").
+
+    ``norm_constraint`` (λ_n) adds ``λ_n ‖W_k + Δ − W_0‖²_F`` to each layer's objective: ``W_0`` the weights
+    before the first batch of an editing session, ``W_k`` before this batch. With ``norm_constraint_scope =
+    "batch"`` (or outside a session, where ``W_k = W_0``) it is the published ``λ_n ‖Δ‖²_F``, i.e. ``λ_n I``
+    added to the preservation matrix (ENCORE's ``update_norm_lambda``); ``"cumulative"`` also pulls the
+    weights back towards ``W_0``, so the edited matrices' norms stop growing over a long stream.
+    """
+
+    norm_constraint: float = 0.0
+    norm_constraint_scope: Literal["cumulative", "batch"] = "cumulative"
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(self.norm_constraint >= 0, "norm_constraint", "must be >= 0 (0 switches it off)")
 
 
 def check_layers(hp: LocateEditHParams, model, *, ascending: bool = True) -> None:

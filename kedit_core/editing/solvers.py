@@ -6,13 +6,17 @@ Every covariance-based update needs ``C = scale · C0 + shift · I`` (C0 the nor
 * MEMIT: ``X = (C + K Kᵀ)⁻¹ K``; the update is ``Δ = R Xᵀ``.
 * EMMET: ``X = C⁻¹ K (Kᵀ C⁻¹ K + λ_e I)⁻¹``; ``Δ = R Xᵀ`` (λ_e only when N > 1, as published).
 * ROME: ``u = C⁻¹ k* / ‖C⁻¹ k*‖``.
+* AlphaEdit: ``X = P (P (K Kᵀ + Σ K_p K_pᵀ) + α I)⁻¹ P K`` with ``P = Û Ûᵀ`` the projector on the null space
+  of C0 (eigenvectors ``Û`` of C0 with eigenvalue below a threshold); computed as ``Û S⁻¹ Ûᵀ K`` with the
+  ``r × r`` matrix ``S = Ûᵀ (K Kᵀ + Σ K_p K_pᵀ) Û + α I`` (exact: ``X`` lies in the range of ``P``).
 
 :class:`CovarianceFactors` factors ``C`` for every edited layer in one batched ``spd_factor`` call (float64)
 and keeps the factors in a :class:`FactorCache` beside the statistics, so each later solve costs two
 triangular solves and an ``N × N`` Cholesky solve (``spd_woodbury_solve``). When N is not small against
 d_k the direct path factors ``C + K Kᵀ`` afresh (``spd_solve``). The ``"reference"`` methods reproduce the
-published arithmetic: ``torch.linalg.solve`` (LU, float64) for MEMIT, explicit inverses for EMMET and a
-float32 inverse of C0 for ROME.
+published arithmetic: ``torch.linalg.solve`` (LU, float64) for MEMIT, explicit inverses for EMMET, a
+float32 inverse of C0 for ROME, and for AlphaEdit a float32 SVD of C0, the full ``d_k × d_k`` projector and a
+float32 LU solve. The null-space bases live in the same cache as the factors.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from ..errors import KeditError, NumericalError
 from ..fingerprint import parameter_digest
 
 __all__ = ["FactorCache", "factor_cache_for", "CovarianceFactors", "SOLVERS", "memit_solve", "emmet_solve",
-           "rome_left_vector", "moment_digest", "WOODBURY_MAX_RATIO"]
+           "rome_left_vector", "covariance_solve", "alphaedit_solve", "alphaedit_regulariser_solve",
+           "moment_digest", "WOODBURY_MAX_RATIO"]
 
 SOLVERS = ("auto", "woodbury", "direct", "reference")
 # "auto" uses Woodbury while N <= d_k / 4: 2 d_k² N + N³/3 flops against d_k³/3 for a fresh factorisation.
@@ -42,8 +47,10 @@ def moment_digest(mom2: torch.Tensor) -> str:
 
 
 class FactorCache:
-    """Cholesky factors of ``scale · C0 + shift · I`` keyed by (moment digest, scale, shift). Kept in
-    memory; with a ``directory`` also written there (atomically) and read back in later processes."""
+    """Matrices derived from the statistics, keyed by a tuple that starts with the moment's digest: Cholesky
+    factors of ``scale · C0 + shift · I`` (:meth:`key`) and AlphaEdit's null-space bases
+    (:meth:`nullspace_key`). Kept in memory; with a ``directory`` also written there (atomically) and read
+    back in later processes."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory) if directory is not None else None
@@ -52,6 +59,10 @@ class FactorCache:
     @staticmethod
     def key(digest: str, scale: float, shift: float) -> tuple:
         return (digest, float(scale), float(shift))
+
+    @staticmethod
+    def nullspace_key(digest: str, layer: int, threshold: float) -> tuple:
+        return (digest, "nullspace", int(layer), float(threshold))
 
     def _path(self, key: tuple) -> Path | None:
         if self.directory is None:
@@ -84,8 +95,7 @@ class FactorCache:
         from ..atomic import atomic_path
 
         with atomic_path(path) as tmp:
-            save_file({"factor": factor.detach().cpu().contiguous()}, tmp,
-                      metadata={"kedit": repr({"digest": key[0], "scale": key[1], "shift": key[2]})})
+            save_file({"factor": factor.detach().cpu().contiguous()}, tmp, metadata={"kedit": repr(key)})
 
 
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -94,7 +104,10 @@ _FALLBACK_CACHES: dict[int, FactorCache] = {}
 
 def factor_cache_for(source) -> FactorCache:
     """The factor cache that lives beside a covariance source: one per source object, on disk in the
-    source's ``factor_cache_dir`` when it names one."""
+    source's ``factor_cache_dir`` when it names one. A source that wraps another (``inner``, e.g. an editing
+    session's view of the base model's statistics) shares the inner source's cache."""
+    while getattr(source, "inner", None) is not None:
+        source = source.inner
     try:
         cache = _CACHES.get(source)
     except TypeError:  # not weak-referenceable
@@ -121,6 +134,7 @@ class CovarianceFactors:
         self._moments: dict[int, torch.Tensor] = {}
         self._digests: dict[int, str] = {}
         self._factors: dict[int, torch.Tensor | None] = {}
+        self._projectors: dict[tuple, torch.Tensor] = {}
         self.origins: dict[int, str] = {}
 
     @property
@@ -208,6 +222,35 @@ class CovarianceFactors:
             self.factor_all()
         return self._factors.get(layer)
 
+    def nullspace(self, layer: int, threshold: float) -> torch.Tensor:
+        """AlphaEdit's ``Û``: the eigenvectors of the normalised C0 (unscaled) whose eigenvalue is below
+        ``threshold``, ``[d_k, r]`` float64, from one ``eigh`` cached beside the factors."""
+        key = None if self.identity else self.cache.nullspace_key(self._digests[layer], layer, threshold)
+        basis = self.cache.get(key, self.device) if key is not None else None
+        if basis is None:
+            values, vectors = torch.linalg.eigh(self.moment(layer))
+            keep = values < threshold
+            if not bool(keep.any()):
+                raise KeditError(f"layer {layer}: nullspace_threshold = {threshold:g} keeps no direction of C0 (its "
+                                 f"smallest eigenvalue is {float(values[0]):.4g}); raise the threshold above that")
+            basis = vectors[:, keep].contiguous()
+            if key is not None:
+                self.cache.put(key, basis)
+        return basis
+
+    def reference_projector(self, layer: int, threshold: float) -> torch.Tensor:
+        """The published projector: ``U_s U_sᵀ`` from a float32 SVD of C0 over the singular values below
+        ``threshold``, a full ``d_k × d_k`` float32 matrix."""
+        name = ("projector", layer, float(threshold))
+        if name not in self._projectors:
+            u, singular, _ = torch.linalg.svd(self.moment(layer).float(), full_matrices=False)
+            small = singular < threshold
+            if not bool(small.any()):
+                raise KeditError(f"layer {layer}: nullspace_threshold = {threshold:g} keeps no direction of C0 (its "
+                                 f"smallest singular value is {float(singular[-1]):.4g}); raise the threshold")
+            self._projectors[name] = u[:, small] @ u[:, small].T
+        return self._projectors[name]
+
 
 def _choose(method: str, n: int, d_k: int, has_factor: bool) -> str:
     if method not in SOLVERS:
@@ -288,11 +331,71 @@ def rome_left_vector(factors: CovarianceFactors, layer: int, key: torch.Tensor,
             raise _singular(layer, "C0") from None
         u = inv @ key.to(inv.device).float()
         return u / u.norm()
-    factor = factors.factor(layer)
-    k = key.to(device=factors.device, dtype=torch.float64).reshape(-1, 1)
-    try:
-        u = torch.cholesky_solve(k, factor) if factor is not None else ops.spd_solve(factors.matrix(layer), k)
-    except RuntimeError:
-        raise _not_pd(layer, "C0") from None
-    u = u.reshape(-1)
+    u = covariance_solve(factors, layer, key.reshape(-1, 1)).reshape(-1)
     return (u / u.norm()).float()
+
+
+def covariance_solve(factors: CovarianceFactors, layer: int, rhs: torch.Tensor) -> torch.Tensor:
+    """``C⁻¹ B`` in float64 for ``B`` ``[d_k, m]``, through the cached factor of C."""
+    b = rhs.to(device=factors.device, dtype=torch.float64)
+    factor = factors.factor(layer)
+    try:
+        return torch.cholesky_solve(b, factor) if factor is not None else ops.spd_solve(factors.matrix(layer), b)
+    except RuntimeError:
+        raise _not_pd(layer, "C") from None
+
+
+def _preserved(preserved_gram: torch.Tensor | None, device, dtype) -> torch.Tensor | None:
+    return None if preserved_gram is None else preserved_gram.to(device=device, dtype=dtype)
+
+
+def alphaedit_solve(factors: CovarianceFactors, layer: int, keys: torch.Tensor, *, threshold: float, l2: float,
+                    preserved_gram: torch.Tensor | None = None,
+                    method: Literal["fast", "reference"] = "fast") -> torch.Tensor:
+    """AlphaEdit's ``X`` ``[d_k, N]`` for keys ``K`` ``[d_k, N]``, so that the update is ``Δ = R Xᵀ``:
+    ``X = P (P (K Kᵀ + G_p) + l2 · I)⁻¹ P K`` with ``G_p = Σ K_p K_pᵀ`` (``preserved_gram``, the keys of
+    earlier edits) and ``P`` the null-space projector of C0.
+
+    Fast: in the basis ``Û`` of the null space, ``X = Û S⁻¹ Ûᵀ K`` with ``S = Ûᵀ (K Kᵀ + G_p) Û + l2 · I``
+    (``r × r``, SPD, Cholesky in float64). Reference (AlphaEdit_main): the full float32 projector and a
+    float32 ``torch.linalg.solve`` of ``P (K Kᵀ + G_p) + l2 · I`` against ``P K``.
+    """
+    if method == "reference":
+        projector = factors.reference_projector(layer, threshold).to(factors.device)
+        k = keys.to(device=factors.device, dtype=torch.float32)
+        gram = k @ k.T
+        preserved = _preserved(preserved_gram, factors.device, torch.float32)
+        if preserved is not None:
+            gram = gram + preserved
+        eye = torch.eye(k.shape[0], dtype=torch.float32, device=factors.device)
+        return torch.linalg.solve(projector @ gram + l2 * eye, projector @ k).to(torch.float64)
+    basis = factors.nullspace(layer, threshold)
+    k = keys.to(device=factors.device, dtype=torch.float64)
+    projected = basis.T @ k                                            # Ûᵀ K  [r, N]
+    s = _kept_regulariser(basis, preserved_gram, l2, factors.device) + projected @ projected.T
+    try:
+        return basis @ ops.spd_solve(s, projected)
+    except RuntimeError:
+        raise _not_pd(layer, "Ûᵀ(K Kᵀ + Σ K_p K_pᵀ)Û + L2·I") from None
+
+
+def _kept_regulariser(basis: torch.Tensor, preserved_gram: torch.Tensor | None, l2: float, device) -> torch.Tensor:
+    """``Ûᵀ G_p Û + l2 · I`` (``r × r``)."""
+    preserved = _preserved(preserved_gram, device, torch.float64)
+    s = basis.T @ preserved @ basis if preserved is not None else torch.zeros(
+        basis.shape[1], basis.shape[1], dtype=torch.float64, device=device)
+    s.diagonal().add_(l2)
+    return s
+
+
+def alphaedit_regulariser_solve(factors: CovarianceFactors, layer: int, rhs: torch.Tensor, *, threshold: float,
+                                l2: float, preserved_gram: torch.Tensor | None = None) -> torch.Tensor:
+    """``Û (Ûᵀ G_p Û + l2 · I)⁻¹ Ûᵀ B``: AlphaEdit's counterpart of ``C⁻¹ B`` (what a penalty on the
+    cumulative update needs, see :func:`kedit_core.editing.batch.compute_batch_edit`)."""
+    basis = factors.nullspace(layer, threshold)
+    b = rhs.to(device=factors.device, dtype=torch.float64)
+    s = _kept_regulariser(basis, preserved_gram, l2, factors.device)
+    try:
+        return basis @ ops.spd_solve(s, basis.T @ b)
+    except RuntimeError:
+        raise _not_pd(layer, "Ûᵀ Σ K_p K_pᵀ Û + L2·I") from None

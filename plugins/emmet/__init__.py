@@ -1,6 +1,7 @@
 """EMMET (Gupta et al. 2024, "A Unified Framework for Model Editing"): batched ROME with equality
-constraints, ``Δ = R (Kᵀ C⁻¹ K + λ_e I)⁻¹ Kᵀ C⁻¹`` with ``C = w · C0 + μ I``, spread over layers as MEMIT
-does. Composes the same core pieces as MEMIT (:mod:`kedit_core.editing`); only the solve differs.
+constraints, ``Δ = R (Kᵀ C⁻¹ K + λ_e I)⁻¹ Kᵀ C⁻¹`` with ``C = w · C0 + (μ + λ_n) I``, spread over layers as
+MEMIT does (μ = ``update_norm_lambda`` is ENCORE's per-batch norm penalty as the reference names it; λ_n =
+``norm_constraint`` the same penalty on the cumulative update in an editing session). Composes the same core pieces as MEMIT (:mod:`kedit_core.editing`); only the solve differs.
 Settings follow ``scalable-model-editing/unified-model-editing``'s ``hparams/EMMET``.
 """
 from __future__ import annotations
@@ -10,13 +11,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import kedit_core
-from kedit_core import Editor
-from kedit_core.editing import (LocateEditHParams, check_architecture_strings, check_layers, compute_batch_edit,
-                                covariance_factors, emmet_solve, inferred_layers, published_defaults)
+from kedit_core.editing import BatchEditHParams, BatchEditor, compute_batch_edit, covariance_factors, covariance_solve, \
+    emmet_solve
 
 
 @dataclass(frozen=True)
-class EmmetHParams(LocateEditHParams):
+class EmmetHParams(BatchEditHParams):
     """EMMET's hyper-parameters; the keys of the published ``hparams/EMMET/*.json`` files."""
 
     layer_selection: Literal["all", "random"] = "all"
@@ -32,36 +32,27 @@ class EmmetHParams(LocateEditHParams):
         self.require(self.emmet_lambda >= 0, "emmet_lambda", "must be >= 0")
 
 
-class EmmetEditor(Editor):
+class EmmetEditor(BatchEditor):
     name = "emmet"
     summary = "EMMET: equality-constrained batch edits, Δ = R(KᵀC⁻¹K + λI)⁻¹KᵀC⁻¹"
     HParams = EmmetHParams
-    uses_covariance = True
-
-    @classmethod
-    def default_hparams(cls, model):
-        found = published_defaults(EmmetHParams, __name__, model)
-        return found if found is not None else EmmetHParams(layers=inferred_layers(model.adapter.num_layers, 1)[-1:])
-
-    @classmethod
-    def check_hparams(cls, hparams, model) -> None:
-        check_layers(hparams, model, ascending=True)
-        check_architecture_strings(hparams, model)
+    inferred_layer_count = 1
 
     def compute(self, model, requests, context):
         hp = self.hparams
         if hp.calculate_objective_value:
             warnings.warn("EMMET: calculate_objective_value is accepted but kedit does not compute the "
                           "reference's diagnostic distances", stacklevel=2)
-        layers = list(hp.layers or inferred_layers(model.adapter.num_layers, 1)[-1:])
+        layers = self.edited_layers(model)
         factors = covariance_factors(model, hp, context, layers, scale=hp.mom2_update_weight,
-                                     shift=hp.update_norm_lambda)
+                                     shift=hp.update_norm_lambda + hp.norm_constraint)
         method = "reference" if hp.reference else hp.solver
 
         def solve(factors, layer, keys):
             return emmet_solve(factors, layer, keys, hp.emmet_lambda, method)
 
-        return compute_batch_edit(model, requests, hp, context, layers=layers, solve=solve, factors=factors)
+        return compute_batch_edit(model, requests, hp, context, layers=layers, solve=solve, factors=factors,
+                                  regulariser_solve=covariance_solve)
 
 
 @kedit_core.hookimpl

@@ -1,7 +1,8 @@
 """MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer"): thousands of facts at once, spread
 over a range of MLP output projections. Composes kedit's core pieces
 (:mod:`kedit_core.editing`): context templates, batched value optimisation at the last edited layer,
-per-layer key extraction on the partially edited model, and ``Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹``.
+per-layer key extraction on the partially edited model, and ``Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹`` (``λ C0 + λ_n I`` with
+ENCORE's norm constraint, ``norm_constraint`` = λ_n).
 Published settings for GPT-2 XL, GPT-J, GPT-NeoX-20B and Llama-3-8B ship in ``hparams/``.
 """
 from __future__ import annotations
@@ -10,13 +11,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import kedit_core
-from kedit_core import Editor
-from kedit_core.editing import (LocateEditHParams, check_architecture_strings, check_layers, compute_batch_edit,
-                                covariance_factors, inferred_layers, memit_solve, published_defaults)
+from kedit_core.editing import BatchEditHParams, BatchEditor, compute_batch_edit, covariance_factors, covariance_solve, \
+    memit_solve
 
 
 @dataclass(frozen=True)
-class MemitHParams(LocateEditHParams):
+class MemitHParams(BatchEditHParams):
     """MEMIT's hyper-parameters; the keys of the published ``hparams/MEMIT/*.json`` files."""
 
     layer_selection: Literal["all", "random"] = "all"   # recorded; the published code ignores it too
@@ -27,32 +27,23 @@ class MemitHParams(LocateEditHParams):
         self.require(self.mom2_update_weight > 0, "mom2_update_weight", "must be positive")
 
 
-class MemitEditor(Editor):
+class MemitEditor(BatchEditor):
     name = "memit"
     summary = "MEMIT: batch edits spread over several MLP layers, Δ = R Kᵀ(λC0 + KKᵀ)⁻¹"
     HParams = MemitHParams
-    uses_covariance = True
-
-    @classmethod
-    def default_hparams(cls, model):
-        found = published_defaults(MemitHParams, __name__, model)
-        return found if found is not None else MemitHParams(layers=inferred_layers(model.adapter.num_layers, 5))
-
-    @classmethod
-    def check_hparams(cls, hparams, model) -> None:
-        check_layers(hparams, model, ascending=True)
-        check_architecture_strings(hparams, model)
 
     def compute(self, model, requests, context):
         hp = self.hparams
-        layers = list(hp.layers or inferred_layers(model.adapter.num_layers, 5))
-        factors = covariance_factors(model, hp, context, layers, scale=hp.mom2_update_weight)
+        layers = self.edited_layers(model)
+        factors = covariance_factors(model, hp, context, layers, scale=hp.mom2_update_weight,
+                                     shift=hp.norm_constraint)
         method = "reference" if hp.reference else hp.solver
 
         def solve(factors, layer, keys):
             return memit_solve(factors, layer, keys, method)
 
-        return compute_batch_edit(model, requests, hp, context, layers=layers, solve=solve, factors=factors)
+        return compute_batch_edit(model, requests, hp, context, layers=layers, solve=solve, factors=factors,
+                                  regulariser_solve=covariance_solve)
 
 
 @kedit_core.hookimpl

@@ -88,6 +88,19 @@ def parse_layers(text: str | None) -> list[int] | None:
     return sorted(set(layers))
 
 
+def hparam_overrides(editor_cls, args) -> dict:
+    """The hyper-parameter overrides of ``--set``, ``--layers`` and ``--mode`` for ``editor_cls``."""
+    from ...hparams import parse_assignments
+
+    overrides = parse_assignments(editor_cls.HParams, args.set)
+    layers = parse_layers(args.layers)
+    if layers is not None:
+        overrides["layers"] = layers
+    if args.mode is not None:
+        overrides["mode"] = args.mode
+    return overrides
+
+
 def summarize(result, model, requests, seconds_total: float) -> dict:
     deltas = result.deltas
     return {
@@ -132,17 +145,11 @@ def run(args) -> int:
     from ... import compute_edit, load_model, load_requests
     from ...editing import load_context_templates
     from ...editors import EditContext, get_editor
-    from ...hparams import parse_assignments
     from ...stats import source_from_args
 
     requests = load_requests(args.requests, args.format, limit=args.limit)
     editor_cls = get_editor(args.method)  # fail on a misspelled editor before loading the model
-    overrides = parse_assignments(editor_cls.HParams, args.set)
-    layers = parse_layers(args.layers)
-    if layers is not None:
-        overrides["layers"] = layers
-    if args.mode is not None:
-        overrides["mode"] = args.mode
+    overrides = hparam_overrides(editor_cls, args)
     templates = load_context_templates(args.context_templates) if args.context_templates else None
     stats = source_from_args(args)
     torch.manual_seed(args.seed)

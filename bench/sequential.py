@@ -1,0 +1,299 @@
+"""Sequential (lifelong) editing benchmark: T batches of B edits applied one after another, the AlphaEdit
+paper's setting, with curves of who survives the stream.
+
+For every editor a :class:`kedit_core.session.EditSession` (on disk under ``--work``) takes the stream one
+batch at a time; after each batch ``k`` the model is measured with kedit's evaluation module:
+
+* ES / PS / NS (CounterFact) or efficacy / paraphrase / specificity (zsRE) over *all* edits so far;
+* the same metrics over ``--unedited`` records that are never edited (the records after the stream):
+  their facts should stay as the unedited model has them;
+* ‖W_k‖ / ‖W_0‖ of every edited matrix (the session's norm statistics);
+* perplexity of held-out WikiText (documents the statistics never saw).
+
+Everything resumes: the sessions skip the batches they hold, and each finished measurement is kept in
+``<out>/partial/``. Writes ``<out>/sequential.json`` (settings, command, seeds, load averages, per-batch
+numbers), ``sequential.csv`` and ``sequential.png`` (metric vs number of edits, one line per editor,
+dashed: the unedited model).
+
+    python bench/sequential.py --model smollm2-135m --data ../shared/data/counterfact_dev.json \\
+        --batches 5 --batch-size 100 --editors bench/sequential_editors.json --select memit,alphaedit \\
+        --corpus ../shared/data/wikitext-2-raw/wiki.test.raw --stats-docs 2000 --out bench/results/sequential/x
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from kedit_core import load_model  # noqa: E402
+from kedit_core.atomic import write_bytes_atomic, write_json_atomic  # noqa: E402
+from kedit_core.errors import KeditError  # noqa: E402
+from kedit_core.evaluation import EvalSettings, aggregate, evaluate_cases, load_cases, perplexity  # noqa: E402
+from kedit_core.session import EditSession  # noqa: E402
+from kedit_core.stats import CachedCovariance, open_corpus  # noqa: E402
+
+PANELS = {"counterfact": [("edited", "ES"), ("edited", "PS"), ("edited", "NS"), ("unedited", "ES")],
+          "zsre": [("edited", "efficacy"), ("edited", "paraphrase"), ("edited", "specificity"),
+                   ("unedited", "efficacy")]}
+COLORS = {"memit": "#d62728", "emmet": "#ff7f0e", "alphaedit": "#1f77b4", "alphaedit+nc": "#17becf",
+          "rome": "#9467bd", "ft-l": "#8c564b"}
+
+
+def digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_partial(path: Path, key: str):
+    if path.exists():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("key") == key:
+            return data["result"]
+    return None
+
+
+def measure(model, stream, unedited, fmt, held_out, args) -> dict:
+    settings = EvalSettings(generation=False, progress=not args.no_progress)
+    start = time.perf_counter()
+    edited_records = evaluate_cases(model, stream, fmt, settings) if stream else []
+    unedited_records = evaluate_cases(model, unedited, fmt, settings) if unedited else []
+    ppl = perplexity(model.model, model.tokenizer, held_out, window=args.ppl_window, max_tokens=args.ppl_tokens,
+                     progress=not args.no_progress)
+    return {"edited": aggregate(edited_records, fmt) if edited_records else None,
+            "unedited": aggregate(unedited_records, fmt) if unedited_records else None,
+            "perplexity": ppl, "eval_seconds": time.perf_counter() - start,
+            "loadavg": list(os.getloadavg())}
+
+
+def strip(agg: dict | None) -> dict | None:
+    return None if agg is None else {k: v for k, v in agg.items() if not k.endswith(("_std", "_n"))}
+
+
+def run_editor(spec: dict, model, cases_stream, unedited, fmt, held_out, stats, args, base_fingerprint, say) -> list:
+    label, method = spec["label"], spec["method"]
+    directory = args.work / label
+    if (directory / "session.json").exists():
+        session = EditSession.open(directory, model)
+        say(f"{label}: session holds {len(session.batches)} batch(es)")
+    else:
+        session = EditSession.create(directory, model, seed=args.seed, model_source=args.model)
+    batch_size = args.batch_size
+    rows = []
+    try:
+        for k in range(1, args.batches + 1):
+            chunk = [c.request for c in cases_stream[(k - 1) * batch_size: k * batch_size]]
+            if k > len(session.batches):
+                say(f"{label}: batch {k}/{args.batches} ({len(chunk)} edits, {method})")
+                record = session.add(chunk, method, spec.get("hparams"), stats=stats,
+                                     progress=not args.no_progress, **spec.get("overrides", {}))
+                say(f"{label}: batch {k} computed in {record['seconds']:.1f} s")
+            record = session.batches[k - 1]
+            key = digest({"record": record["files"], "k": k, "eval": args.eval_key})
+            path = args.out / "partial" / label / f"batch{k:03d}.json"
+            result = load_partial(path, key)
+            if result is None:
+                with session.viewing(k):
+                    result = measure(model, cases_stream[: k * batch_size], unedited, fmt, held_out, args)
+                write_json_atomic(path, {"key": key, "result": result}, indent=1)
+            ratios = [s["norm_ratio"] for s in record["norms"].values()]
+            rows.append({"editor": label, "method": method, "batch": k, "edits": k * batch_size,
+                         "edit_seconds": record["seconds"], "hparams": record["hparams"],
+                         "norms": record["norms"], "norm_ratio_max": max(ratios), "norm_ratio_mean":
+                         sum(ratios) / len(ratios), **{f: result[f] for f in ("eval_seconds", "loadavg")},
+                         "edited": strip(result["edited"]), "unedited": strip(result["unedited"]),
+                         "perplexity": result["perplexity"]["perplexity"]})
+            say(f"{label}: after {k * batch_size} edits: " + summary_line(rows[-1], fmt))
+    finally:
+        session.restore_base()
+    if model.fingerprint() != base_fingerprint:
+        raise KeditError(f"{label}: the model did not return to its base weights")
+    return rows
+
+
+def summary_line(row: dict, fmt: str) -> str:
+    metrics = [m for _, m in PANELS[fmt][:3]]
+    edited = row["edited"] or {}
+    return (", ".join(f"{m} {edited.get(m, float('nan')):.1f}" for m in metrics)
+            + f"; unedited {PANELS[fmt][3][1]} {(row['unedited'] or {}).get(PANELS[fmt][3][1], float('nan')):.1f}"
+            + f"; ppl {row['perplexity']:.2f}; ‖W‖/‖W0‖ max {row.get('norm_ratio_max', 1.0):.3f}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fmt = result["format"]
+    base = result["base"]
+    panels = [(f"{'unedited records' if scope == 'unedited' else 'edited records'}: {metric}", scope, metric)
+              for scope, metric in PANELS[fmt]]
+    panels += [("held-out WikiText perplexity", None, "perplexity"), ("‖W_k‖ / ‖W_0‖ (max over edited matrices)",
+                                                                          None, "norm_ratio_max")]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    by_editor: dict[str, list] = {}
+    for row in result["rows"]:
+        by_editor.setdefault(row["editor"], []).append(row)
+    for ax, (title, scope, metric) in zip(axes.flat, panels):
+        for editor, rows in by_editor.items():
+            xs = [0] + [r["edits"] for r in rows]
+            if scope is not None:
+                # before any edit: the unedited model on the records of the first batch
+                first = (base[scope] or {}).get(metric) if scope == "unedited" else base["edited_by_batch"][1].get(metric)
+                ys = [first] + [(r[scope] or {}).get(metric) for r in rows]
+            elif metric == "perplexity":
+                ys = [base["perplexity"]] + [r["perplexity"] for r in rows]
+            else:
+                ys = [1.0] + [r["norm_ratio_max"] for r in rows]
+            ax.plot(xs, ys, marker="o", ms=3, label=editor, color=COLORS.get(editor))
+        if scope == "edited":  # the unedited model on the same records (the first k batches)
+            xs = [r["edits"] for r in next(iter(by_editor.values()))]
+            ax.plot(xs, [b.get(metric) for b in base["edited_by_batch"][1:len(xs) + 1]], ls="--", color="grey",
+                    label="unedited model")
+        elif scope == "unedited":
+            ax.axhline((base["unedited"] or {}).get(metric, 0), ls="--", color="grey", label="unedited model")
+        elif metric == "perplexity":
+            ax.axhline(base["perplexity"], ls="--", color="grey", label="unedited model")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("number of edits")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"Sequential editing: {result['model']['source']} on {result['data']['name']}, "
+                 f"{result['settings']['batches']} batches of {result['settings']['batch_size']}", fontsize=11)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def write_csv(result: dict, path: Path) -> None:
+    fmt = result["format"]
+    metrics = [m for _, m in PANELS[fmt][:3]]
+    header = ["editor", "method", "batch", "edits"] + metrics + [f"unedited_{m}" for m in metrics] + [
+        "perplexity", "norm_ratio_max", "norm_ratio_mean", "edit_seconds", "eval_seconds", "load1"]
+    lines = [",".join(header)]
+    base_rows = [{"editor": "unedited", "method": "", "batch": k, "edits": k * result["settings"]["batch_size"],
+                  "edited": b, "unedited": result["base"]["unedited"], "perplexity": result["base"]["perplexity"],
+                  "norm_ratio_max": 1.0, "norm_ratio_mean": 1.0, "edit_seconds": 0, "eval_seconds": 0,
+                  "loadavg": [None]} for k, b in enumerate(result["base"]["edited_by_batch"]) if k]
+    for row in base_rows + result["rows"]:
+        values = [row["editor"], row["method"], row["batch"], row["edits"]]
+        values += [(row["edited"] or {}).get(m) for m in metrics] + [(row["unedited"] or {}).get(m) for m in metrics]
+        values += [row["perplexity"], row["norm_ratio_max"], row["norm_ratio_mean"], row["edit_seconds"],
+                   row["eval_seconds"], row["loadavg"][0]]
+        lines.append(",".join("" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)) for v in values))
+    write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--format", default="auto", choices=["auto", "counterfact", "zsre"])
+    parser.add_argument("--batches", type=int, required=True, help="T: number of batches")
+    parser.add_argument("--batch-size", type=int, required=True, help="B: edits per batch")
+    parser.add_argument("--unedited", type=int, default=100, help="records after the stream measured as never-edited")
+    parser.add_argument("--editors", type=Path, required=True,
+                        help="JSON list of {label, method, overrides{}} (bench/sequential_editors.json)")
+    parser.add_argument("--select", help="comma-separated labels of --editors to run (default: all)")
+    parser.add_argument("--corpus", type=Path, required=True, help="text for C0 and the held-out perplexity")
+    parser.add_argument("--stats-docs", type=int, required=True, help="C0 from the first N documents of --corpus")
+    parser.add_argument("--stats-dir", help="statistics cache (default: kedit's)")
+    parser.add_argument("--ppl-tokens", type=int, default=16384, help="held-out tokens scored (after --stats-docs)")
+    parser.add_argument("--ppl-window", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, help="session directories (default: <out>/sessions)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work = args.work or args.out / "sessions"
+    say = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
+
+    specs = json.loads(args.editors.read_text(encoding="utf-8"))
+    if args.select:
+        wanted = args.select.split(",")
+        unknown = sorted(set(wanted) - {s["label"] for s in specs})
+        if unknown:
+            raise KeditError(f"--select: no editor(s) {unknown} in {args.editors}")
+        specs = [s for s in specs if s["label"] in wanted]
+    total = args.batches * args.batch_size
+    fmt, cases = load_cases(args.data, args.format, limit=total + args.unedited)
+    if len(cases) < total:
+        raise KeditError(f"{args.data} has {len(cases)} records; the stream needs {total}")
+    stream, unedited = cases[:total], cases[total:]
+    documents = list(open_corpus(str(args.corpus)).documents())
+    held_out = documents[args.stats_docs:]
+    if not held_out:
+        raise KeditError(f"--stats-docs {args.stats_docs} leaves no held-out documents of {args.corpus}")
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, device="cpu")
+    base_fingerprint = model.fingerprint()
+    stats = CachedCovariance(str(args.corpus), args.stats_dir, docs=args.stats_docs, progress=not args.no_progress)
+    args.eval_key = {"ppl": [args.ppl_tokens, args.ppl_window, args.stats_docs], "unedited": args.unedited,
+                     "data": str(args.data), "model": base_fingerprint}
+
+    base_key = digest({"eval": args.eval_key, "total": total, "fmt": fmt})
+    base_path = args.out / "partial" / "base.json"
+    base = load_partial(base_path, base_key)
+    if base is None:
+        say(f"measuring the unedited model on {total} + {len(unedited)} records")
+        settings = EvalSettings(generation=False, progress=not args.no_progress)
+        records = evaluate_cases(model, stream, fmt, settings)
+        by_batch = [None] + [strip(aggregate(records[: k * args.batch_size], fmt)) for k in range(1, args.batches + 1)]
+        other = measure(model, [], unedited, fmt, held_out, args)
+        base = {"edited_by_batch": by_batch, "unedited": strip(other["unedited"]),
+                "perplexity": other["perplexity"]["perplexity"], "perplexity_detail": other["perplexity"],
+                "loadavg": other["loadavg"]}
+        write_json_atomic(base_path, {"key": base_key, "result": base}, indent=1)
+
+    rows = []
+    for spec in specs:
+        rows += run_editor(spec, model, stream, unedited, fmt, held_out, stats, args, base_fingerprint, say)
+    result = {"kedit_bench": "sequential", "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]),
+              "format": fmt, "model": {"source": args.model, "fingerprint": base_fingerprint},
+              "data": {"path": str(args.data), "name": args.data.name, "stream": total, "unedited": len(unedited)},
+              "settings": {"batches": args.batches, "batch_size": args.batch_size, "seed": args.seed,
+                           "stats": {"corpus": str(args.corpus), "docs": args.stats_docs},
+                           "held_out": {"documents_from": args.stats_docs, "tokens": args.ppl_tokens,
+                                        "window": args.ppl_window},
+                           "torch_threads": torch.get_num_threads(), "editors": specs},
+              "base": base, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    existing = args.out / "sequential.json"
+    if existing.exists() and args.select:  # merge with editors measured by earlier runs of the same stream
+        old = json.loads(existing.read_text(encoding="utf-8"))
+        if old.get("model", {}).get("fingerprint") == base_fingerprint and old.get("settings", {}).get("batches") == \
+                args.batches:
+            kept = [r for r in old["rows"] if r["editor"] not in {s["label"] for s in specs}]
+            result["rows"] = kept + rows
+            known = {s["label"] for s in specs}
+            result["settings"]["editors"] = [s for s in old["settings"]["editors"] if s["label"] not in known] + specs
+            result["commands"] = old.get("commands", [old.get("command")]) + [result["command"]]
+    write_json_atomic(existing, result, indent=1)
+    write_csv(result, args.out / "sequential.csv")
+    plot(result, args.out / "sequential.png")
+    say(f"wrote {existing}, sequential.csv, sequential.png")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeditError as exc:
+        print(f"sequential: error: {exc}", file=sys.stderr)
+        sys.exit(2)
