@@ -42,6 +42,9 @@ class EditContext:
     work_dir: str | Path | None = None
     # The base model's fingerprint (compute_edit fills it in; it keys what work_dir holds).
     base_fingerprint: str | None = None
+    # Memory the batched value optimisation may use (bytes, or a size such as "8GB"); None: a share of the
+    # device's free memory.
+    max_memory: int | str | None = None
 
     def say(self, message: str) -> None:
         if self.log is not None:

@@ -26,6 +26,14 @@ Two implementations with the same semantics:
   frozen (its rows leave the batch); Adam is applied row-wise with the same arithmetic as
   ``torch.optim.Adam``, so each request follows the trajectory it would follow alone. Optional: stop a
   request as soon as its target is the argmax at every target position of every rewriting prompt.
+
+Batches are sized from memory (:func:`plan_value_batches`): the first request runs alone while a meter
+counts what it holds (the tensors kept across steps and those autograd saves in its first step), and the
+others are packed into batches whose predicted peak fits the budget (the device's free memory, or
+``memory_bytes``; ``--max-memory``), capped on a CPU where larger batches stop paying. A request that
+cannot fit alone is a :class:`~kedit_core.errors.KeditError`, raised by the meter before the memory is
+taken. Under ``torchrun`` (:func:`optimise_values_across_ranks`) each process optimises a contiguous share
+of the requests and the values are gathered, so every rank holds them all.
 """
 from __future__ import annotations
 
@@ -41,14 +49,26 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import KeditError
 from ..tracing import TraceDict, primary, replace_primary
 from .forward import BlockOutput, replaying_blocks
 from .rows import TokenRows
 
 __all__ = ["ValueSettings", "Injection", "ValueResult", "ValueStore", "optimise_values_batched",
-           "optimise_values_reference"]
+           "optimise_values_across_ranks", "optimise_values_reference", "plan_value_batches", "free_memory",
+           "parse_memory"]
 
 LOSS_THRESHOLD = 5e-2  # compute_z / compute_v: `if loss < 5e-2: break`
+# Tokens (of all rows) per value batch on a CPU: past this a step costs the same per token (measured on
+# SmolLM2-135M, bench/results/README.md), so larger batches only take memory.
+CPU_BATCH_TOKENS = 4096
+# Peak memory of a batch over what the meter counts (the backward's gradients, transient logits,
+# allocator slack); measured on SmolLM2-135M on the CPU.
+MEMORY_HEADROOM = 1.5
+FREE_MEMORY_SHARE = 0.8   # of the memory the device reports free, the share value batches may plan with
+# Fields that size batches: they change how requests are grouped, not any request's result (each
+# follows its own trajectory), so they are not part of a stored batch's key.
+SIZING_FIELDS = ("batch_requests", "memory_bytes", "batch_tokens")
 
 
 @dataclass(frozen=True)
@@ -60,7 +80,9 @@ class ValueSettings:
     kl_factor: float
     loss_threshold: float = LOSS_THRESHOLD
     stop_when_most_probable: bool = False
-    batch_requests: int = 256      # requests optimised together (memory bound)
+    batch_requests: int | None = None  # requests per batch; None: sized from memory (plan_value_batches)
+    memory_bytes: int | None = None    # what value batches may take; None: a share of the device's free memory
+    batch_tokens: int | None = None    # tokens (all rows) per batch at most; None: CPU_BATCH_TOKENS on a CPU
     reuse_prefix: bool = True      # compute only the positions from each row's fact token on, above the replay
     max_buckets: int = 8           # rows are grouped by positions to compute into at most this many forwards
     min_bucket_rows: int = 64      # ... each of at least this many rows
@@ -88,6 +110,8 @@ class ValueResult:
     delta: torch.Tensor            # [N, d]
     steps: list[int] = field(default_factory=list)         # Adam steps taken per request
     final_loss: list[float] = field(default_factory=list)  # the last loss computed per request
+    batches: list[int] = field(default_factory=list)       # requests per batch, in order
+    plan: dict = field(default_factory=dict)               # how the batches were sized (memory, measured bytes)
 
 
 class ValueStore:
@@ -112,12 +136,27 @@ class ValueStore:
         local = {req: i for i, req in enumerate(requests)}
         chunk = [[rows.ids[r], rows.lookup[r], rows.labels[r], rows.kind[r], local[rows.owner[r]]]
                  for r in rows.rows_of(requests)]
-        payload = {"model": self.base_fingerprint, "settings": asdict(settings), "injection": asdict(injection),
-                   "rows": chunk, "target_lengths": [target_lengths[r] for r in requests]}
+        payload = {"model": self.base_fingerprint, "settings": _result_settings(settings),
+                   "injection": asdict(injection), "rows": chunk, "target_lengths": [target_lengths[r] for r in requests]}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
     def _path(self, key: str):
         return self.directory / f"values-{key}.pt"
+
+    def _plan_path(self, rows: TokenRows, target_lengths, settings: ValueSettings, injection: Injection) -> Path:
+        """Where the batch plan of this whole edit is kept: a resumed run groups the requests as the first
+        run did (free memory differs between runs), so its stored batches are found again."""
+        key = self.key(rows, list(range(len(target_lengths))), target_lengths, settings, injection)
+        return self.directory / f"plan-{key}.json"
+
+    def load_plan(self, rows, target_lengths, settings, injection) -> dict | None:
+        path = self._plan_path(rows, target_lengths, settings, injection)
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    def save_plan(self, rows, target_lengths, settings, injection, plan: dict) -> None:
+        from ..atomic import write_json_atomic
+
+        write_json_atomic(self._plan_path(rows, target_lengths, settings, injection), plan)
 
     def load(self, key: str) -> ValueResult | None:
         path = self._path(key)
@@ -137,6 +176,133 @@ class ValueStore:
                         "steps": list(result.steps), "final_loss": list(result.final_loss),
                         "seconds": float(seconds)}, tmp)
         self.saved += 1
+
+
+def _result_settings(settings: ValueSettings) -> dict:
+    return {k: v for k, v in asdict(settings).items() if k not in SIZING_FIELDS}
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_memory(value: int | float | str) -> int:
+    """Bytes from ``4000000``, ``"512MiB"``, ``"8GB"``, ``"1.5g"`` (K/M/G/T alone are binary units)."""
+    import re
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        amount, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise KeditError(f"memory size {value!r}: expected a number of bytes or a size such as 512MiB, 8GB, 1.5G")
+        amount, unit = float(match.group(1)), match.group(2).lower()
+    size = int(amount * _UNITS[unit])
+    if size <= 0:
+        raise KeditError(f"memory size {value!r} must be positive")
+    return size
+
+
+def free_memory(device) -> int:
+    """Bytes the device can still give: on a GPU what the driver reports free plus what torch's caching
+    allocator holds unused; on a CPU the memory the OS reports available."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _tensor_bytes(obj, seen: set) -> int:
+    """Bytes of the tensors in a nest of tuples/lists (each storage counted once)."""
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(x, seen) for x in obj)
+    return 0
+
+
+class _MemoryMeter:
+    """Counts what a batch of value optimisation holds at its first step (every request is active then,
+    so it holds the most): the tensors kept across steps, and those autograd saves for the backward
+    (parameters excluded). Past ``budget`` bytes it raises a :class:`KeditError` at once, before more is
+    taken (batches are planned to use ``1 / MEMORY_HEADROOM`` of it); ``what`` names the requests."""
+
+    def __init__(self, model, budget: int, what: str, budget_text: str):
+        self.budget, self.what, self.budget_text = budget, what, budget_text
+        self.parameters = {p.untyped_storage().data_ptr() for p in model.model.parameters()}
+        self.seen: set = set()
+        self.held = 0
+        self.saved = 0
+
+    @property
+    def total(self) -> int:
+        return self.held + self.saved
+
+    def hold(self, obj) -> None:
+        self.held += _tensor_bytes(obj, self.seen)
+        self._check()
+
+    def pack(self, t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.parameters and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.saved += t.untyped_storage().nbytes()
+            self._check()
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor):
+        return t
+
+    def _check(self) -> None:
+        if self.total > self.budget:
+            raise KeditError(f"value optimisation does not fit in memory: {self.what} holds more than the "
+                             f"{_gib(self.budget)} it may use ({self.budget_text}); give it more memory (--max-memory), "
+                             "use a smaller dtype, or fewer context templates")
+
+    def saving(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def plan_value_batches(sizes: Sequence[int], bytes_per_token: float, budget: int, max_tokens: int | None,
+                       first: int = 0) -> list[list[int]]:
+    """Requests ``first..`` (``sizes[i]``: tokens in request ``i``'s rows) in consecutive batches whose
+    predicted peak (``MEMORY_HEADROOM · bytes_per_token · tokens``) fits ``budget`` and whose tokens stay
+    within ``max_tokens``. Raises :class:`KeditError` for a request that does not fit alone."""
+    per_batch = budget / (MEMORY_HEADROOM * bytes_per_token)
+    if max_tokens is not None:
+        per_batch = min(per_batch, max_tokens)
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i in range(first, len(sizes)):
+        need = MEMORY_HEADROOM * bytes_per_token * sizes[i]
+        if need > budget:
+            raise KeditError(f"value optimisation does not fit in memory: request {i} alone needs about {_gib(need)} "
+                             f"and {_gib(budget)} may be used; give it more memory (--max-memory), use a smaller "
+                             "dtype, or fewer context templates")
+        if current and tokens + sizes[i] > per_batch:
+            chunks.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += sizes[i]
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,31 +346,118 @@ def _adam_step_rows(delta, grad, exp_avg, exp_avg_sq, rows, step, lr, beta1=0.9,
 def optimise_values_batched(model, rows: TokenRows, target_lengths: Sequence[int], settings: ValueSettings,
                             injection: Injection, *, progress: bool = False,
                             store: ValueStore | None = None) -> ValueResult:
-    """Optimise every request's ``δ`` in batches of ``settings.batch_requests`` requests (see module
-    docstring). ``rows`` come from :func:`~kedit_core.editing.rows.value_rows`. With ``store``, batches
-    finished by an earlier (interrupted) run are loaded from it and each new one is saved to it."""
+    """Optimise every request's ``δ`` in batches (``settings.batch_requests`` requests each, or sized from
+    memory: see the module docstring). ``rows`` come from :func:`~kedit_core.editing.rows.value_rows`.
+    With ``store``, batches finished by an earlier (interrupted) run are loaded from it, in the grouping
+    that run chose, and each new one is saved to it."""
     n = len(target_lengths)
+    sizes = [0] * n
+    for r, owner in enumerate(rows.owner):
+        sizes[owner] += len(rows.ids[r])
     results: list[ValueResult] = []
-    chunks = [list(range(s, min(n, s + settings.batch_requests))) for s in range(0, n, settings.batch_requests)]
+    budget = settings.memory_bytes or int(FREE_MEMORY_SHARE * free_memory(model.device))
+    budget_text = ("--max-memory" if settings.memory_bytes else
+                   f"{FREE_MEMORY_SHARE:.0%} of the free memory on {model.device.type}")
+    max_tokens = settings.batch_tokens or (CPU_BATCH_TOKENS if model.device.type == "cpu" else None)
+    plan = store.load_plan(rows, target_lengths, settings, injection) if store is not None else None
+    if plan is None and settings.batch_requests is not None:
+        step = settings.batch_requests
+        plan = {"chunks": [list(range(s, min(n, s + step))) for s in range(0, n, step)], "sized_by": "batch_requests"}
     bar = tqdm(total=n * max(settings.num_steps - 1, 0), desc="optimising values", unit="step", disable=not progress,
                leave=False)
+
+    def run(chunk: list[int], meter: _MemoryMeter, reuse: bool = True) -> ValueResult:
+        key = None if store is None else store.key(rows, chunk, target_lengths, settings, injection)
+        done = store.load(key) if key is not None and reuse else None
+        if done is not None:
+            bar.update(len(chunk) * max(settings.num_steps - 1, 0))
+            return done
+        started = time.perf_counter()
+        try:
+            done = _optimise_chunk(model, rows, chunk, target_lengths, settings, injection, bar, meter)
+        except torch.OutOfMemoryError:
+            raise KeditError(f"value optimisation ran out of device memory on requests {chunk[0]}..{chunk[-1]} "
+                             f"(budget {_gib(budget)}, {budget_text}); pass a smaller --max-memory") from None
+        if key is not None:   # (the result is on the CPU: the clock covers the device's work)
+            store.save(key, done, time.perf_counter() - started)
+        return done
+
     try:
-        for chunk in chunks:
-            key = None if store is None else store.key(rows, chunk, target_lengths, settings, injection)
-            done = None if key is None else store.load(key)
-            if done is None:
-                started = time.perf_counter()
-                done = _optimise_chunk(model, rows, chunk, target_lengths, settings, injection, bar)
-                if key is not None:   # (the result is on the CPU: the clock covers the device's work)
-                    store.save(key, done, time.perf_counter() - started)
-            else:
-                bar.update(len(chunk) * max(settings.num_steps - 1, 0))
-            results.append(done)
+        if plan is None:
+            # The first request alone, its memory counted; the others planned from what it held.
+            meter = _MemoryMeter(model, budget, "request 0 alone", budget_text)
+            results.append(run([0], meter, reuse=False))  # (computed, not loaded: its memory is the measure)
+            bytes_per_token = meter.total / sizes[0]
+            plan_value_batches(sizes[:1], bytes_per_token, budget, None)  # request 0 fits with the headroom too
+            plan = {"chunks": [[0]] + plan_value_batches(sizes, bytes_per_token, budget, max_tokens, first=1),
+                    "sized_by": "memory", "budget_bytes": budget, "budget": budget_text,
+                    "bytes_per_token": bytes_per_token, "headroom": MEMORY_HEADROOM, "max_tokens": max_tokens}
+            if store is not None:
+                store.save_plan(rows, target_lengths, settings, injection, plan)
+        for chunk in plan["chunks"][len(results):]:
+            what = f"requests {chunk[0]}..{chunk[-1]}" if len(chunk) > 1 else f"request {chunk[0]} alone"
+            results.append(run(chunk, _MemoryMeter(model, budget, what, budget_text)))
     finally:
         bar.close()
     return ValueResult(target=torch.cat([r.target for r in results]), init=torch.cat([r.init for r in results]),
                        delta=torch.cat([r.delta for r in results]), steps=[s for r in results for s in r.steps],
-                       final_loss=[x for r in results for x in r.final_loss])
+                       final_loss=[x for r in results for x in r.final_loss], batches=[len(c) for c in plan["chunks"]],
+                       plan={k: v for k, v in plan.items() if k != "chunks"})
+
+
+def _rows_of_requests(rows: TokenRows, requests: Sequence[int]) -> TokenRows:
+    """The rows of ``requests``, renumbered ``0..len(requests)-1`` in that order."""
+    local = {req: i for i, req in enumerate(requests)}
+    out = TokenRows()
+    for r in rows.rows_of(requests):
+        out.append(rows.ids[r], rows.lookup[r], rows.labels[r], owner=local[rows.owner[r]], kind=rows.kind[r],
+                   template=rows.template[r])
+    return out
+
+
+def optimise_values_across_ranks(model, rows: TokenRows, target_lengths: Sequence[int], settings: ValueSettings,
+                                 injection: Injection, *, progress: bool = False,
+                                 store: ValueStore | None = None) -> ValueResult:
+    """:func:`optimise_values_batched` split over the processes of a ``torch.distributed`` group (as
+    ``torchrun`` starts them): rank ``r`` takes the ``r``-th of ``world`` consecutive shares of the
+    requests (balanced by tokens), and the values are gathered so every rank returns all of them. Each
+    request follows the trajectory it follows in one process, so the results equal a single process's to
+    float rounding. Without a group (or with one process) this is :func:`optimise_values_batched`."""
+    from ..stats.collect import distributed_info
+
+    rank, world = distributed_info()
+    n = len(target_lengths)
+    if world == 1 or n == 1:
+        return optimise_values_batched(model, rows, target_lengths, settings, injection, progress=progress, store=store)
+    import torch.distributed as dist
+
+    sizes = [0] * n
+    for r, owner in enumerate(rows.owner):
+        sizes[owner] += len(rows.ids[r])
+    prefix = [0]
+    for size in sizes:
+        prefix.append(prefix[-1] + size)
+    bounds = [0]
+    for k in range(1, world):   # cut nearest to k/world of the tokens, every rank keeping a request if it can
+        low, high = min(bounds[-1] + 1, n), max(min(bounds[-1] + 1, n), n - (world - k))
+        bounds.append(min(range(low, high + 1), key=lambda j: abs(prefix[j] - prefix[n] * k / world)))
+    bounds.append(n)
+    mine = list(range(bounds[rank], bounds[rank + 1]))
+    part = None
+    if mine:
+        part = optimise_values_batched(model, _rows_of_requests(rows, mine), [target_lengths[i] for i in mine],
+                                       settings, injection, progress=progress and rank == 0, store=store)
+        part = {"target": part.target, "init": part.init, "delta": part.delta, "steps": part.steps,
+                "final_loss": part.final_loss, "batches": part.batches, "plan": part.plan}
+    parts: list = [None] * world
+    dist.all_gather_object(parts, part)
+    parts = [p for p in parts if p is not None]
+    return ValueResult(target=torch.cat([p["target"] for p in parts]), init=torch.cat([p["init"] for p in parts]),
+                       delta=torch.cat([p["delta"] for p in parts]), steps=[s for p in parts for s in p["steps"]],
+                       final_loss=[x for p in parts for x in p["final_loss"]],
+                       batches=[b for p in parts for b in p["batches"]],
+                       plan={"world_size": world, "requests_per_rank": [bounds[k + 1] - bounds[k] for k in range(world)],
+                             "per_rank": [p["plan"] for p in parts]})
 
 
 def _buckets(need: torch.Tensor, max_buckets: int) -> list[torch.Tensor]:
@@ -242,7 +495,7 @@ def _from_split(t: torch.Tensor, split: torch.Tensor, width: int) -> torch.Tenso
 
 
 def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths, settings: ValueSettings,
-                    injection: Injection, bar) -> ValueResult:
+                    injection: Injection, bar, meter: _MemoryMeter | None = None) -> ValueResult:
     from transformers import DynamicCache
 
     adapter = model.adapter
@@ -328,6 +581,8 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
         positions = split.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
         buckets.append((bucket_rows, split, snapshot, replay_hidden, ids, mask, positions))
         del cache, td
+        if meter is not None:
+            meter.hold(buckets[-1])
     init_norm_sq = init.norm(dim=1) ** 2
 
     d = adapter.hidden_size
@@ -348,7 +603,8 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
         nll = torch.zeros(n, dtype=acc, device=device)
         kl_logp = torch.zeros(n, 1, dtype=acc, device=device)
         misses = torch.zeros(n, dtype=acc, device=device)
-        with torch.enable_grad():
+        metering = meter.saving() if meter is not None and it == 0 else contextlib.nullcontext()
+        with torch.enable_grad(), metering:
             for bucket_rows, split, snapshot, replay_hidden, ids, mask, positions in buckets:
                 keep = row_active[bucket_rows]
                 if not bool(keep.any()):
