@@ -197,6 +197,10 @@ def materialise_model(args, work: Path) -> tuple[Path, dict]:
 
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are plain float32 now; transformers still marks the model as GGUF-quantized.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
         tmp = work / "model.tmp"
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
