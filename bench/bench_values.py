@@ -173,6 +173,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--early-stop", action="store_true", help="early stopping on/off, CounterFact and zsRE")
     parser.add_argument("--batch-sweep", action="store_true", help="seconds and memory per value batch size")
+    parser.add_argument("--datasets", default="counterfact,zsre", help="--early-stop: counterfact and/or zsre")
     parser.add_argument("--caps", default="all,8192,4096,2048,1024", help="--batch-sweep: tokens per batch")
     parser.add_argument("--sweep-steps", type=int, default=5, help="--batch-sweep: value steps per run (default 5)")
     parser.add_argument("--requests", type=int, default=100)
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
     lines = []
     if args.early_stop:
         doc["early_stop"] = []
-        for dataset in ("counterfact", "zsre"):
+        for dataset in args.datasets.split(","):
             for on in (False, True):
                 name = f"early-stop-{dataset}-{'on' if on else 'off'}"
                 doc["early_stop"].append(in_subprocess(args, work, name, ["--dataset", dataset, "--on", str(int(on))]))
