@@ -22,7 +22,9 @@ Two implementations with the same semantics:
   and later steps run each row only from its own fact token on (prefixes left-padded so the rows line
   up, true position ids; rows grouped by how many positions they need into a few forwards); the forward
   stops after the last layer and the unembedding runs only where the loss
-  reads logits; a request that stops is
+  reads logits. The first pass runs each row's prefix through every layer (for its keys/values) but its
+  suffix only up to the injection site, and the prefix tokens that the rows of one context template share
+  (the template's text) once per template, not once per request; a request that stops is
   frozen (its rows leave the batch); Adam is applied row-wise with the same arithmetic as
   ``torch.optim.Adam``, so each request follows the trajectory it would follow alone. Optional: stop a
   request as soon as its target is the argmax at every target position of every rewriting prompt.
@@ -494,6 +496,100 @@ def _from_split(t: torch.Tensor, split: torch.Tensor, width: int) -> torch.Tenso
     return t.gather(1, idx)
 
 
+class _SharedPrefixes:
+    """Keys/values of the rows' prefixes (the tokens before each row's fact token) at every layer, for the
+    aligned suffix layout of :func:`_optimise_chunk`. Rows filled from the same context template begin
+    with the same tokens (the template's text): those are run once per template, and each row runs only
+    its own prefix tokens on top of them. :meth:`prefix_cache` lays a bucket's prefixes out so that they
+    all end at the same column (the fact tokens, which start the suffixes, line up), each row's template
+    part right before the column where its own tokens start; columns a row does not use are masked
+    (their keys/values zeroed), and positions stay true."""
+
+    def __init__(self, model, rows: TokenRows, chunk_rows: list[int], batch, row_split: torch.Tensor, last_name: str):
+        from transformers import DynamicCache
+
+        self.model, self.batch, self.row_split, self.last_name = model, batch, row_split, last_name
+        device = model.device
+        groups: dict[tuple, list[int]] = {}
+        for b, r in enumerate(chunk_rows):
+            if rows.template[r] >= 0:
+                groups.setdefault((rows.kind[r], rows.template[r]), []).append(b)
+        self.group = torch.full((len(chunk_rows),), -1, dtype=torch.long)
+        self.common = torch.zeros(len(chunk_rows), dtype=torch.long)
+        heads, lengths = [], []
+        ids = batch.input_ids.cpu()
+        split = row_split.cpu()
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            first = ids[members[0]]
+            c = int(split[members].min())
+            for b in members[1:]:
+                same = (ids[b, :c] == first[:c]).long()
+                c = int(same.cumprod(0).sum())
+            if c == 0:
+                continue
+            self.group[members] = len(heads)
+            self.common[members] = c
+            heads.append(first[:c])
+            lengths.append(c)
+        self.group, self.common = self.group.to(device), self.common.to(device)
+        self.keys = None
+        if heads:
+            width = max(lengths)
+            head_ids = torch.full((len(heads), width), int(model.tokenizer.pad_token_id), dtype=torch.long)
+            head_mask = torch.zeros(len(heads), width, dtype=torch.long)
+            for g, h in enumerate(heads):
+                head_ids[g, : len(h)] = h
+                head_mask[g, : len(h)] = 1
+            cache = DynamicCache()
+            with torch.no_grad(), TraceDict(model.model, [last_name], stop_after=last_name):
+                model.model(input_ids=head_ids.to(device), attention_mask=head_mask.to(device), past_key_values=cache,
+                            use_cache=True)
+            self.keys = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def prefix_cache(self, bucket_rows: torch.Tensor, split: torch.Tensor):
+        """``(cache, mask)`` for a bucket's prefixes: a DynamicCache of ``[rows, heads, P, d]`` per layer and
+        the ``[rows, P]`` mask of the columns in use; ``(None, None)`` when no row has a prefix."""
+        from transformers import DynamicCache
+
+        model, device = self.model, self.model.device
+        if int(split.max()) == 0:
+            return None, None
+        common = self.common[bucket_rows]
+        own = split - common
+        width_own, width_head = int(own.max()), int(common.max())
+        total = width_head + width_own
+        columns = torch.arange(total, device=device).unsqueeze(0)
+        # template part at [width_head - common, width_head); own tokens at [width_head, width_head + own)
+        head_mask = (columns >= width_head - common.unsqueeze(1)) & (columns < width_head)
+        own_mask = (columns >= width_head) & (columns < width_head + own.unsqueeze(1))
+        mask = (head_mask | own_mask).long()
+        past = None
+        if width_head > 0:
+            group = self.group[bucket_rows].clamp_min(0)
+            past = DynamicCache(ddp_cache_data=[
+                (_left_aligned(k.index_select(0, group), common, width_head, 2),
+                 _left_aligned(v.index_select(0, group), common, width_head, 2)) for k, v in self.keys])
+        if width_own > 0:
+            idx = (common.unsqueeze(1) + torch.arange(width_own, device=device).unsqueeze(0)).clamp_max(
+                self.batch.input_ids.shape[1] - 1)
+            own_ids = torch.gather(self.batch.input_ids[bucket_rows], 1, idx)
+            own_ids = torch.where(own_mask[:, width_head:].bool(), own_ids, int(model.tokenizer.pad_token_id))
+            cache = past if past is not None else DynamicCache()
+            with torch.no_grad(), TraceDict(model.model, [self.last_name], stop_after=self.last_name):
+                model.model(input_ids=own_ids, attention_mask=mask, position_ids=idx, past_key_values=cache,
+                            use_cache=True)
+        else:
+            cache = past
+        # Unused columns may hold padding's keys/values (even NaN where a padded row attended to nothing): zero.
+        unused = (mask == 0)[:, None, :, None]
+        for layer in cache.layers:
+            layer.keys = layer.keys.masked_fill(unused, 0)
+            layer.values = layer.values.masked_fill(unused, 0)
+        return cache, mask
+
+
 def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths, settings: ValueSettings,
                     injection: Injection, bar, meter: _MemoryMeter | None = None) -> ValueResult:
     from transformers import DynamicCache
@@ -543,46 +639,60 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
     names = [site] + ([adapter.layer_name(replay_layer)] if replay_layer >= 0 else [])
     init = torch.zeros(n, adapter.hidden_size, dtype=acc, device=device)
     cached, buckets = None, []
+    shared = _SharedPrefixes(model, rows, chunk_rows, batch, row_split, last_name) if reuse_prefix else None
     for bucket_rows in plan:
         split = row_split[bucket_rows]
-        prefix, width = int(split.max()), int((lengths[bucket_rows] - split).max())
-        end_col = int(lengths[bucket_rows].max())
-        cache = DynamicCache() if prefix > 0 else None
-        with torch.no_grad(), TraceDict(model.model, names, retain_output=True, stop_after=last_name) as td:
-            model.model(input_ids=batch.input_ids[bucket_rows, :end_col],
-                        attention_mask=batch.attention_mask[bucket_rows, :end_col],
-                        past_key_values=cache, use_cache=cache is not None)
+        width = int((lengths[bucket_rows] - split).max())
         local = torch.full((len(chunk_rows),), -1, dtype=torch.long, device=device)
         local[bucket_rows] = torch.arange(bucket_rows.numel(), device=device)
         mine = torch.nonzero(local[first_row] >= 0).reshape(-1)  # requests whose bare prompt is here
-        site_out = primary(td[site].output)
-        init[mine] = site_out[local[first_row[mine]], batch.lookup[first_row[mine]]].to(acc)
-        replay_hidden = None
-        if replay_layer >= 0:
-            block_out = primary(td[names[-1]].output)
-            if cached is None:
-                cached = BlockOutput(block_out[:0], td[names[-1]].output)
-            replay_hidden = _from_split(block_out, split, width)
-        snapshot = None
-        if cache is not None:
-            snapshot = []
-            for i, layer in enumerate(cache.layers):
-                if i <= replay_layer:  # never attended to again: a stand-in that only carries the length
-                    k = torch.zeros(bucket_rows.numel(), 1, prefix, 1, dtype=layer.keys.dtype, device=device)
-                    snapshot.append((k, k))
-                else:
-                    snapshot.append((_left_aligned(layer.keys, split, prefix, 2),
-                                     _left_aligned(layer.values, split, prefix, 2)))
-        columns = torch.arange(prefix + width, device=device).unsqueeze(0)
-        suffix_len = (lengths[bucket_rows] - split).unsqueeze(1)
-        mask = ((columns >= prefix - split.unsqueeze(1)) & (columns < prefix + suffix_len)).to(batch.attention_mask.dtype)
-        valid = torch.arange(width, device=device).unsqueeze(0) < suffix_len
+        valid = torch.arange(width, device=device).unsqueeze(0) < (lengths[bucket_rows] - split).unsqueeze(1)
         ids = torch.where(valid, _from_split(batch.input_ids[bucket_rows], split, width), model.tokenizer.pad_token_id)
         positions = split.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
-        buckets.append((bucket_rows, split, snapshot, replay_hidden, ids, mask, positions))
-        del cache, td
+        snapshot = None
+        if shared is not None:
+            # The prefixes (each row's tokens before its fact token) through every layer, their template part
+            # computed once per template; then the suffixes up to the injection site only.
+            cache, prefix_mask = shared.prefix_cache(bucket_rows, split)
+            if cache is not None:
+                snapshot = [(torch.zeros(bucket_rows.numel(), 1, prefix_mask.shape[1], 1, dtype=layer.keys.dtype,
+                                         device=device),) * 2 if i <= replay_layer else (layer.keys, layer.values)
+                            for i, layer in enumerate(cache.layers)]   # (below the replay: a length stand-in)
+                mask = torch.cat([prefix_mask, valid.to(prefix_mask.dtype)], dim=1)
+            else:
+                mask = valid.long()
+            deepest = names[0] if injection.site == "mlp" else names[-1]
+            with torch.no_grad(), TraceDict(model.model, names, retain_output=True, stop_after=deepest) as td:
+                model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=cache is not None)
+            del cache
+            init[mine] = primary(td[site].output)[local[first_row[mine]], 0].to(acc)   # the fact token: column 0
+            replay_hidden = None
+            if replay_layer >= 0:
+                block_out = primary(td[names[-1]].output)
+                if cached is None:
+                    cached = BlockOutput(block_out[:0], td[names[-1]].output)
+                replay_hidden = block_out
+        else:
+            end_col = int(lengths[bucket_rows].max())
+            with torch.no_grad(), TraceDict(model.model, names, retain_output=True, stop_after=last_name) as td:
+                model.model(input_ids=batch.input_ids[bucket_rows, :end_col],
+                            attention_mask=batch.attention_mask[bucket_rows, :end_col], use_cache=False)
+            site_out = primary(td[site].output)
+            init[mine] = site_out[local[first_row[mine]], batch.lookup[first_row[mine]]].to(acc)
+            replay_hidden = None
+            if replay_layer >= 0:
+                block_out = primary(td[names[-1]].output)
+                if cached is None:
+                    cached = BlockOutput(block_out[:0], td[names[-1]].output)
+                replay_hidden = _from_split(block_out, split, width)
+            mask = valid.long()
+        buckets.append((bucket_rows, split, snapshot, replay_hidden, ids, mask.to(batch.attention_mask.dtype),
+                        positions))
+        del td
         if meter is not None:
             meter.hold(buckets[-1])
+    del shared
     init_norm_sq = init.norm(dim=1) ** 2
 
     d = adapter.hidden_size
