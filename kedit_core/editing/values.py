@@ -475,6 +475,8 @@ def _prefix_cache(snapshot, rows: torch.Tensor):
     never extended in place, so every step starts from the same prefix)."""
     from transformers import DynamicCache
 
+    if rows.numel() == snapshot[0][0].shape[0]:  # every row still active: the snapshot itself, not a copy
+        return DynamicCache(ddp_cache_data=list(snapshot))
     return DynamicCache(ddp_cache_data=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in snapshot])
 
 
