@@ -571,6 +571,10 @@ def report(args, work: Path, results: dict, out: Path) -> dict:
         for layer, c in ev["c0_kedit_vs_easyedit"].items():
             lines.append(f"C0 layer {layer}: kedit vs EasyEdit rel. diff {c['relative_difference']:.1e} "
                          f"({c['kedit_count']} / {c['easyedit_count']} tokens)")
+    goals = goal_checks(results, summary)
+    summary["goals"] = goals
+    for name, g in goals.items():
+        lines.append(f"goal {name}: {g['measured']} (goal {g['goal']}): {'met' if g['met'] else 'NOT met'}")
     text = "\n".join(lines)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
@@ -581,6 +585,38 @@ def report(args, work: Path, results: dict, out: Path) -> dict:
     (out / "vs_easyedit.txt").write_text(text + "\n", encoding="utf-8")
     plot(rows, cols, out / "vs_easyedit.png", results)
     return doc
+
+
+def goal_checks(results: dict, summary: dict) -> dict:
+    """The issue's goals, measured: speed-ups over EasyEdit, C0, memory, and quality."""
+    goals = {}
+    speed = summary["speedup_vs_easyedit"]
+    end = "end to end excluding C0"
+    if "kedit-fast" in speed and end in speed["kedit-fast"]:
+        x = speed["kedit-fast"][end]
+        goals["fast mode end to end vs EasyEdit"] = {"measured": f"{x:.1f}x", "goal": ">= 20x", "met": x >= 20}
+    if "kedit-fast-published-steps" in speed and end in speed["kedit-fast-published-steps"]:
+        x = speed["kedit-fast-published-steps"][end]
+        goals["published objective step for step vs EasyEdit"] = {"measured": f"{x:.1f}x", "goal": ">= 6x",
+                                                                    "met": x >= 6}
+    if "kedit-fast" in speed and "C0" in speed["kedit-fast"]:
+        x = speed["kedit-fast"]["C0"]
+        goals["C0 vs EasyEdit"] = {"measured": f"{x:.1f}x", "goal": ">= 10x", "met": x >= 10}
+    if "kedit-fast" in results and "kedit-reference" in results:
+        x = results["kedit-fast"]["peak_rss_gib"] / results["kedit-reference"]["peak_rss_gib"]
+        goals["peak memory fast / reference"] = {"measured": f"{x:.2f}", "goal": "<= 1.5", "met": x <= 1.5}
+    ev = results.get("evaluate")
+    if ev and "kedit-fast" in ev["metrics"] and "easyedit" in ev["metrics"]:
+        diffs = {m: ev["metrics"]["kedit-fast"][m] - ev["metrics"]["easyedit"][m] for m in ("ES", "PS", "NS")}
+        goals["ES/PS/NS fast mode vs EasyEdit"] = {
+            "measured": ", ".join(f"{m} {d:+.1f}" for m, d in diffs.items()), "goal": "equal or better",
+            "met": all(d >= 0 for d in diffs.values())}
+    ref = ev and ev["delta_relative_differences"].get("kedit-reference vs easyedit")
+    if ref:
+        worst = max(ref.values())
+        goals["deltas reference mode vs EasyEdit"] = {"measured": f"{worst:.1e} (worst layer)", "goal": "<= 1e-3",
+                                                      "met": worst <= 1e-3}
+    return goals
 
 
 def plot(rows, cols, path: Path, results: dict) -> None:
