@@ -84,15 +84,20 @@ def wrap_model(model: nn.Module, tokenizer, source: str = "<in memory>") -> Load
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto",
                device: str | torch.device | None = "auto", trust_remote_code: bool = False) -> LoadedModel:
-    """Load a causal LM and its tokenizer by hub name or local directory (or a kedit alias such as
-    ``toy``, the toy fact world's model). Nothing is downloaded when ``HF_HUB_OFFLINE=1``."""
+    """Load a causal LM and its tokenizer by hub name or local directory, a ``.gguf`` file, or a kedit
+    alias: ``toy`` (the toy fact world's model) or a zoo model such as ``smollm2-135m`` /
+    ``gemma3-270m`` (:mod:`kedit_core.zoo`; GGUF files are dequantized once into kedit's cache).
+    Nothing is downloaded when ``HF_HUB_OFFLINE=1``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .zoo import resolve_model
 
     name = str(name_or_path)
     if name not in MODEL_ALIASES:
         from . import toyworld  # noqa: F401  (registers the "toy" alias; imported late to keep imports light)
     if name in MODEL_ALIASES:
         name = MODEL_ALIASES[name]()
+    name, provenance = resolve_model(name)
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     is_dir = Path(name).is_dir()
@@ -105,5 +110,5 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
         raise KeditError(f"could not load model {name!r}: {str(exc).splitlines()[0]}.{hint}") from None
     model.to(device)
     loaded = wrap_model(model, tokenizer, source=name)
-    loaded.info.update({"dtype": str(loaded.dtype).replace("torch.", ""), "device": str(device)})
+    loaded.info.update({"dtype": str(loaded.dtype).replace("torch.", ""), "device": str(device), **provenance})
     return loaded

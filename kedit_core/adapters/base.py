@@ -32,6 +32,10 @@ class ModelAdapter:
     # Conv1D ([d_ff, d_model]).
     mlp_out_layout: Literal["out_in", "in_out"] = "out_in"
     context_length_keys: tuple[str, ...] = ("max_position_embeddings", "n_positions", "n_ctx")
+    # A norm applied to the MLP's output before it joins the residual stream (Gemma 2/3's
+    # post_feedforward_layernorm): residual-space targets must be mapped through it (see
+    # BoundAdapter.mlp_output_change). None: the MLP output is added to the residual as it is.
+    post_mlp_norm: str | None = None
     notes: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -52,7 +56,9 @@ class BoundAdapter:
                              f"'{adapter.layers}'")
         self.num_layers = len(layers)
         self._paths = {}
-        for field_name in ("mlp", "mlp_out", "attn", "final_norm", "unembedding", "embedding"):
+        for field_name in ("mlp", "mlp_out", "attn", "final_norm", "unembedding", "embedding", "post_mlp_norm"):
+            if getattr(adapter, field_name) is None:
+                continue
             options = getattr(adapter, field_name).split("|")
             found = next((o for o in options if o.format(0) in self._modules), None)
             if found is None:
@@ -94,6 +100,11 @@ class BoundAdapter:
     def attn_name(self, layer: int) -> str:
         return self._paths['attn'].format(self._check_layer(layer))
 
+    def post_mlp_norm_name(self, layer: int) -> str | None:
+        """The norm between the MLP's output and the residual stream at ``layer``, if the family has one."""
+        path = self._paths.get("post_mlp_norm")
+        return None if path is None else path.format(self._check_layer(layer))
+
     def mlp_out_weight_name(self, layer: int) -> str:
         return self.mlp_out_name(layer) + ".weight"
 
@@ -130,6 +141,39 @@ class BoundAdapter:
     @property
     def embedding(self) -> nn.Module:
         return self.module(self._paths['embedding'])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from a block's output ``[..., d]``: final norm, unembedding (with its bias),
+        and the family's final logit soft-capping when the config sets one (Gemma 2)."""
+        logits = self.unembedding(self.final_norm(hidden))
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def mlp_output_change(self, layer: int, mlp_output: torch.Tensor, residual_change: torch.Tensor) -> torch.Tensor:
+        """The change of the MLP's output ``[N, d]`` that moves the residual stream by ``residual_change``.
+
+        Without a post-MLP norm the two are the same. With an RMS norm ``y = g ⊙ m / rms(m)`` after the
+        MLP (Gemma 2/3), ``m`` can only reach outputs with ``rms(y / g) = 1``: the wanted ``y = N(m) + r``
+        is projected onto them (scaled), and ``m*`` is chosen along ``y / g`` with ``m``'s own rms, which
+        the norm then maps exactly onto that projection. Returns ``m* − m``.
+        """
+        name = self.post_mlp_norm_name(layer)
+        if name is None:
+            return residual_change
+        norm = self.module(name)
+        m = mlp_output.to(torch.float64)
+        r = residual_change.to(torch.float64)
+        with torch.no_grad():
+            ones = torch.ones(1, m.shape[-1], dtype=norm.weight.dtype, device=norm.weight.device)
+            eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
+            gain = (norm(ones).to(torch.float64) * (1.0 + eps) ** 0.5).reshape(-1).to(m.device)
+            y = norm(mlp_output.to(norm.weight.dtype)).to(torch.float64) + r
+        direction = y / gain
+        rms = lambda x: x.pow(2).mean(-1, keepdim=True).sqrt()  # noqa: E731
+        target = direction * (rms(m) / rms(direction).clamp_min(1e-30))
+        return (target - m).to(residual_change.dtype)
 
     @property
     def context_length(self) -> int:

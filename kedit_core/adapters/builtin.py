@@ -5,11 +5,19 @@ from ..plugins.hookspecs import hookimpl
 from .base import ModelAdapter
 
 
-def _llama_like(name: str, *config_classes: str, notes: str = "") -> ModelAdapter:
+def _llama_like(name: str, *config_classes: str, notes: str = "", post_mlp_norm: str | None = None) -> ModelAdapter:
     return ModelAdapter(
         name=name, config_classes=config_classes, layers="model.layers", mlp="model.layers.{}.mlp",
         mlp_out="model.layers.{}.mlp.down_proj", attn="model.layers.{}.self_attn", final_norm="model.norm",
-        unembedding="lm_head", embedding="model.embed_tokens", mlp_out_layout="out_in", notes=notes)
+        unembedding="lm_head", embedding="model.embed_tokens", mlp_out_layout="out_in", notes=notes,
+        post_mlp_norm=post_mlp_norm)
+
+
+# Gemma 2 and 3 normalise the MLP's output (RMSNorm with a (1 + w) gain) before adding it to the
+# residual stream; their embeddings are scaled by sqrt(d) inside the embedding module, the head is tied
+# to it, and their layers alternate sliding-window and global attention (all inside the blocks, so
+# nothing editing reads depends on it beyond the blocks' own forward).
+_GEMMA_POST_MLP = "model.layers.{}.post_feedforward_layernorm"
 
 
 BUILTIN_ADAPTERS: tuple[ModelAdapter, ...] = (
@@ -37,7 +45,10 @@ BUILTIN_ADAPTERS: tuple[ModelAdapter, ...] = (
     _llama_like("qwen2", "Qwen2Config"),
     _llama_like("qwen3", "Qwen3Config"),
     _llama_like("gemma", "GemmaConfig"),
-    _llama_like("gemma2", "Gemma2Config"),
+    _llama_like("gemma2", "Gemma2Config", post_mlp_norm=_GEMMA_POST_MLP,
+                notes="post-MLP RMSNorm; final logits soft-capped"),
+    _llama_like("gemma3", "Gemma3TextConfig", post_mlp_norm=_GEMMA_POST_MLP,
+                notes="post-MLP RMSNorm; scaled embeddings, tied head; sliding/global attention layers"),
     _llama_like("phi3", "Phi3Config", notes="gate and up projections are fused (gate_up_proj)"),
     _llama_like("olmo2", "Olmo2Config"),
 )

@@ -14,7 +14,7 @@ from ..errors import KeditError, PluginError
 
 # Core subcommands, in the order `kedit --help` lists them (each module defines NAME, HELP,
 # add_arguments(parser) and run(args)).
-BUILTIN_COMMAND_MODULES = ("demo", "plugins", "stats", "edit", "eval", "toyworld")
+BUILTIN_COMMAND_MODULES = ("demo", "models", "plugins", "stats", "edit", "eval", "toyworld")
 
 
 def _builtin_commands():

@@ -140,20 +140,29 @@ def compute_batch_edit(model, requests: Sequence[EditRequest], hp: LocateEditHPa
                        [weights[krows.template[r]] for r in template_rows], n)
 
     bare_capture = Capture(adapter.layer_name(z_layer), "output", bare, list(range(n)), [1.0] * n, n)
+    # Families that normalise the MLP output before the residual (Gemma 2/3) need it to map the residual
+    # targets into the MLP's output space (BoundAdapter.mlp_output_change).
+    post_norm = adapter.post_mlp_norm_name(layers[0]) is not None
     replayed = None if hp.reference else LayerByLayerKeys(model, krows, key_capture(layers[0]), bare_capture,
-                                                          layers, z_layer, progress=context.progress)
+                                                          layers, z_layer, progress=context.progress,
+                                                          mlp_outputs=post_norm)
     for i, layer in enumerate(tqdm(layers, desc="updating layers", disable=not context.progress, leave=False)):
         with timer("keys"):
             if replayed is not None:
-                keys, current = replayed.read(i, deltas)
+                keys, current, mlp_current = replayed.read(i, deltas)
             else:
+                captures = [key_capture(layer), bare_capture]
+                if post_norm:
+                    captures.append(Capture(adapter.mlp_name(layer), "output", bare, list(range(n)), [1.0] * n, n))
                 with temporarily_applied(model.model, deltas):
-                    keys, current = collect(model, krows, [key_capture(layer), bare_capture],
-                                            stop_after=adapter.layer_name(z_layer), progress=context.progress,
-                                            desc=f"keys at layer {layer}")
+                    keys, current, *rest = collect(model, krows, captures, stop_after=adapter.layer_name(z_layer),
+                                                   progress=context.progress, desc=f"keys at layer {layer}")
+                mlp_current = rest[0] if rest else None
         with timer("solve"):
             error = (z - current.to(z.dtype)).to(torch.float64)  # subtracted in float32, as published
             residual = error / (len(layers) - i)
+            if mlp_current is not None:
+                residual = adapter.mlp_output_change(layer, mlp_current, residual)
             x = solve(factors, layer, keys.to(torch.float64).T)          # [d_k, N]
             update = residual.T.to(x.device) @ x.T                        # [d, d_k]
             deltas[adapter.mlp_out_weight_name(layer)] = adapter.to_param_layout(update).to(dtype).contiguous()

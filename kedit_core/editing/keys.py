@@ -192,8 +192,9 @@ class LayerByLayerKeys:
     """
 
     def __init__(self, model, rows: TokenRows, keys: Capture, bare: Capture, layers: Sequence[int], z_layer: int,
-                 *, max_tokens: int = DEFAULT_MAX_TOKENS, progress: bool = False):
+                 *, max_tokens: int = DEFAULT_MAX_TOKENS, progress: bool = False, mlp_outputs: bool = False):
         self.model, self.layers, self.z_layer, self.progress = model, list(layers), z_layer, progress
+        self.mlp_outputs = mlp_outputs  # also read each edited layer's MLP output at the bare prompts
         self.keys, self.bare = keys, bare
         self._key_rows = _ReplayedRows(model, rows, sorted(set(keys.rows)), max_tokens)
         self._bare_rows = _ReplayedRows(model, rows, sorted(set(bare.rows)), max_tokens)
@@ -202,8 +203,9 @@ class LayerByLayerKeys:
         self.passes = {"key_rows": 0, "bare_rows": 0}
 
     @torch.no_grad()
-    def read(self, i: int, deltas: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(keys [N, d_k], block z_layer's output at the bare prompts [N, d])`` for step ``i``."""
+    def read(self, i: int, deltas: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(keys [N, d_k], block z_layer's output at the bare prompts [N, d], layers[i]'s MLP output there
+        [N, d] or None)`` for step ``i``."""
         if i != self._next:
             raise RuntimeError(f"LayerByLayerKeys.read: step {i} asked for, but step {self._next} comes next")
         self._next += 1
@@ -214,15 +216,20 @@ class LayerByLayerKeys:
                                                         f"keys at layer {layer}", self.progress):
             keys = _gather_into(keys, self.keys, self._keys_by_row, batch_rows, batch, td[key_module].input)
         z_name = adapter.layer_name(self.z_layer)
-        current = None
+        mlp_name = adapter.mlp_name(layer)
+        current = mlp_current = None
         # Blocks below layers[i] are final at step i (later updates go to layers[i] and above): their
         # output is what the next step resumes from.
-        for batch_rows, batch, td in self._bare_rows.run(deltas, [z_name], z_name, layer - 1,
+        traced = [z_name] + ([mlp_name] if self.mlp_outputs else [])
+        for batch_rows, batch, td in self._bare_rows.run(deltas, traced, z_name, layer - 1,
                                                          f"block {self.z_layer} at layer {layer}", self.progress):
             current = _gather_into(current, self.bare, self._bare_by_row, batch_rows, batch, primary(td[z_name].output))
+            if self.mlp_outputs:
+                mlp_current = _gather_into(mlp_current, self.bare, self._bare_by_row, batch_rows, batch,
+                                           primary(td[mlp_name].output))
         self.passes["key_rows"] += 1
         self.passes["bare_rows"] += 1
-        return keys, current
+        return keys, current, mlp_current
 
 
 def rows_with_bare_prompts(tokenizer, requests, templates: Sequence[str], *, fact_token: str,

@@ -322,9 +322,8 @@ def _float_type(model) -> torch.dtype:
 
 
 def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Final norm and unembedding (with its bias, if any) of hidden states ``[..., d]``."""
-    adapter = model.adapter
-    return adapter.unembedding(adapter.final_norm(hidden))
+    """Logits of hidden states ``[..., d]`` (final norm, unembedding, soft-capping: the adapter's)."""
+    return model.adapter.logits(hidden)
 
 
 def _adam_step_rows(delta, grad, exp_avg, exp_avg_sq, rows, step, lr, beta1=0.9, beta2=0.999, eps=1e-8):

@@ -44,11 +44,12 @@ class CacheFileError(Exception):
 
 
 def default_stats_dir() -> Path:
-    """``$KEDIT_STATS_DIR``, else ``$XDG_CACHE_HOME/kedit/stats`` (``~/.cache/kedit/stats``)."""
+    """``$KEDIT_STATS_DIR``, else ``stats/`` in kedit's cache (``$KEDIT_CACHE``, ``~/.cache/kedit``)."""
     if os.environ.get("KEDIT_STATS_DIR"):
         return Path(os.environ["KEDIT_STATS_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kedit" / "stats"
+    from ..zoo import kedit_cache_dir
+
+    return kedit_cache_dir() / "stats"
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -85,8 +86,10 @@ class _RunKey:
         digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:12]
         budget = "-".join(p for p in (f"t{self.tokens}" if self.tokens else "", f"d{self.docs}" if self.docs else "")
                           if p) or "all"
-        model_dir = f"{_slug(self.model_name)}-{self.model_fingerprint.split(':')[-1][:12]}"
-        # Named by content (the settings' hash), not by the corpus file's name: a renamed copy matches.
+        # Named by content (the model's fingerprint, the settings' hash), not by the model's or the corpus
+        # file's name: the same weights under another name or path (a zoo alias, its GGUF file, a copy of
+        # the checkpoint) and a renamed copy of the corpus reuse the same files.
+        model_dir = f"model-{self.model_fingerprint.split(':')[-1][:16]}"
         return stats_dir / model_dir / f"{budget}-{digest}"
 
     def metadata(self, layer: int, module: str, count: int, mom2_sha256: str) -> dict:

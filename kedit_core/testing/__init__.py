@@ -18,7 +18,7 @@ TOKENIZER_FILE = Path(__file__).parent / "data" / "bpe-4k.json"
 SPECIAL = "<|endoftext|>"
 
 # Families whose real tokenizers prepend a BOS token get a test tokenizer that does too.
-_BOS_FAMILIES = {"llama", "mistral", "gemma", "gemma2", "olmo2", "phi3"}
+_BOS_FAMILIES = {"llama", "mistral", "gemma", "gemma2", "gemma3", "olmo2", "phi3"}
 
 
 def test_tokenizer(add_bos: bool = False):
@@ -54,6 +54,11 @@ CONFIG_BUILDERS: dict[str, Callable[[int, int, int], tuple[str, dict]]] = {
     "qwen3": lambda n, d, ctx: ("qwen3", _llama_like(n, d, ctx, head_dim=d // 4)),
     "gemma": lambda n, d, ctx: ("gemma", _llama_like(n, d, ctx, head_dim=d // 4)),
     "gemma2": lambda n, d, ctx: ("gemma2", _llama_like(n, d, ctx, head_dim=d // 4)),
+    # Gemma 3 as released: tied head, every 6th layer global and the rest sliding-window attention
+    # (a window shorter than the test prompts, so both kinds are exercised).
+    "gemma3": lambda n, d, ctx: ("gemma3_text", _llama_like(
+        n, d, ctx, head_dim=d // 4, query_pre_attn_scalar=d // 4, sliding_window=8, tie_word_embeddings=True,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)])),
     "phi3": lambda n, d, ctx: ("phi3", _llama_like(n, d, ctx)),
     "olmo2": lambda n, d, ctx: ("olmo2", _llama_like(n, d, ctx)),
 }
@@ -70,8 +75,9 @@ def tiny_config(family: str, *, num_layers: int = 4, hidden_size: int = 64, cont
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     model_type, kwargs = CONFIG_BUILDERS[family](num_layers, hidden_size, context_length)
     tok_size = vocab_size or test_tokenizer().vocab_size
+    tied = kwargs.pop("tie_word_embeddings", False)
     return AutoConfig.for_model(model_type, vocab_size=tok_size, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                                tie_word_embeddings=False, **kwargs)
+                                tie_word_embeddings=tied, **kwargs)
 
 
 def tiny_model(family: str = "gpt2", *, num_layers: int = 4, hidden_size: int = 64, context_length: int = 128,

@@ -33,7 +33,7 @@ def check_edit(model, cov, method, **overrides):
     return result
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt-neox", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt-neox", "llama", "gemma3"])
 def test_memit_on_each_family(family):
     model = tiny_model(family, num_layers=4, hidden_size=64)
     result = check_edit(model, covariance_from_text(model, [1, 2]), "memit", layers=[1, 2])

@@ -41,7 +41,7 @@ class BlockCounter:
             h.remove()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt-neox", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt-neox", "llama", "gemma3"])
 @pytest.mark.parametrize("layers", [[1, 2, 3], [0, 2, 4]])
 def test_replayed_keys_equal_fresh_passes(family, layers):
     model = tiny_model(family, num_layers=6, hidden_size=64, dtype=torch.float64)
@@ -49,24 +49,33 @@ def test_replayed_keys_equal_fresh_passes(family, layers):
     n, z_layer = len(requests), layers[-1]
     krows, bare = rows_with_bare_prompts(model.tokenizer, requests, FLAT, fact_token="subject_last", rule="offsets")
     keys_capture, bare_capture = captures(model, krows, bare, layers[0], z_layer, n)
-    reader = LayerByLayerKeys(model, krows, keys_capture, bare_capture, layers, z_layer, max_tokens=40)
+    post_norm = model.adapter.post_mlp_norm_name(0) is not None
+    reader = LayerByLayerKeys(model, krows, keys_capture, bare_capture, layers, z_layer, max_tokens=40,
+                              mlp_outputs=post_norm)
     g = torch.Generator().manual_seed(0)
     deltas = {}
     counted = {"replayed": 0, "fresh": 0}
     for i, layer in enumerate(layers):
         counter = BlockCounter(model)
         try:
-            keys, current = reader.read(i, deltas)
+            keys, current, mlp_current = reader.read(i, deltas)
         finally:
             counter.close()
         counted["replayed"] += counter.rows
         counter = BlockCounter(model)
+        wanted = list(captures(model, krows, bare, layer, z_layer, n))
+        if post_norm:
+            wanted.append(Capture(model.adapter.mlp_name(layer), "output", bare, list(range(n)), [1.0] * n, n))
         try:
             with temporarily_applied(model.model, deltas):
-                want_keys, want_current = collect(model, krows, list(captures(model, krows, bare, layer, z_layer, n)),
-                                                  stop_after=model.adapter.layer_name(z_layer))
+                want_keys, want_current, *want_mlp = collect(model, krows, wanted,
+                                                             stop_after=model.adapter.layer_name(z_layer))
         finally:
             counter.close()
+        if post_norm:
+            torch.testing.assert_close(mlp_current, want_mlp[0], rtol=1e-10, atol=1e-12)
+        else:
+            assert mlp_current is None
         counted["fresh"] += counter.rows
         torch.testing.assert_close(keys, want_keys, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(current, want_current, rtol=1e-10, atol=1e-12)
@@ -91,8 +100,8 @@ class FreshKeys:
                        self.keys.weights, self.keys.num_segments)
         self.passes["fresh"] += 1
         with temporarily_applied(self.model.model, deltas):
-            return collect(self.model, self.rows, [keys, self.bare],
-                           stop_after=self.model.adapter.layer_name(self.z_layer))
+            return (*collect(self.model, self.rows, [keys, self.bare],
+                             stop_after=self.model.adapter.layer_name(self.z_layer)), None)
 
 
 def test_memit_deltas_with_replayed_keys_equal_fresh_passes(monkeypatch):

@@ -190,3 +190,22 @@ def test_tokenizer_fingerprint_is_stable_and_tells_tokenizers_apart():
     tok(["a long text " * 50], truncation=True, max_length=8)  # sets truncation state on the backend
     assert tokenizer_fingerprint(tok) == before
     assert tokenizer_fingerprint(test_tokenizer(add_bos=True)) != before
+
+
+def test_a_copy_of_the_model_elsewhere_reuses_the_files(small_corpus, tmp_path, monkeypatch):
+    """The cache is keyed by the weights' fingerprint, not the model's name or path."""
+    from kedit_core.models import load_model
+    from kedit_core.testing import save_tiny_model
+
+    first = save_tiny_model("llama", tmp_path / "here", num_layers=3, hidden_size=32, context_length=32)
+    source = make_source(small_corpus, tmp_path / "stats")
+    model = load_model(first, device="cpu")
+    source.prepare(model, [1])
+    import shutil
+
+    copy = load_model(shutil.copytree(first, tmp_path / "elsewhere" / "renamed"), device="cpu")
+    assert copy.source != model.source and copy.fingerprint() == model.fingerprint()
+    forbid_computing(monkeypatch)
+    again = make_source(small_corpus, tmp_path / "stats")
+    again.prepare(copy, [1])
+    assert again.path_for(copy, 1) == source.path_for(model, 1)
