@@ -1,7 +1,7 @@
 """Benchmark: kedit against EasyEdit (zjunlp/EasyEdit), the same MEMIT edit side by side on a real model.
 
-Both tools edit the same model (SmolLM2-135M, the float32 checkpoint kedit's model zoo dequantizes from its GGUF) with the same requests
-(the first ``--requests`` CounterFact records), the same context templates (drawn once by kedit, seed 0,
+Both tools edit the same model (SmolLM2-135M: the float32 checkpoint kedit's model zoo dequantizes from
+its GGUF) with the same requests (the first ``--requests`` CounterFact records), the same context templates (drawn once by kedit, seed 0,
 and handed to EasyEdit through its template cache), the same hyper-parameters (MEMIT layers 5-9, λ 15000,
 20 value steps, loss at the last layer, the published GPT-J value settings otherwise) and the same C0
 corpus (the first WikiText-2 documents holding ``--tokens`` tokens, given to EasyEdit's ``layer_stats`` as
