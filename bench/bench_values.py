@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     parser.add_argument("--early-stop", action="store_true", help="early stopping on/off, CounterFact and zsRE")
     parser.add_argument("--batch-sweep", action="store_true", help="seconds and memory per value batch size")
     parser.add_argument("--datasets", default="counterfact,zsre", help="--early-stop: counterfact and/or zsre")
-    parser.add_argument("--caps", default="all,8192,4096,2048,1024", help="--batch-sweep: tokens per batch")
+    parser.add_argument("--caps", default="all,4096,2048,1024", help="--batch-sweep: tokens per batch")
     parser.add_argument("--sweep-steps", type=int, default=5, help="--batch-sweep: value steps per run (default 5)")
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)

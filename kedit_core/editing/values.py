@@ -63,7 +63,7 @@ __all__ = ["ValueSettings", "Injection", "ValueResult", "ValueStore", "optimise_
 LOSS_THRESHOLD = 5e-2  # compute_z / compute_v: `if loss < 5e-2: break`
 # Tokens (of all rows) per value batch on a CPU: past this a step costs the same per token (measured on
 # SmolLM2-135M, bench/results/README.md), so larger batches only take memory.
-CPU_BATCH_TOKENS = 4096
+CPU_BATCH_TOKENS = 2048
 # Peak memory of a batch over what the meter counts (the backward's gradients, transient logits,
 # allocator slack); measured on SmolLM2-135M on the CPU.
 MEMORY_HEADROOM = 1.5
@@ -87,7 +87,7 @@ class ValueSettings:
     batch_tokens: int | None = None    # tokens (all rows) per batch at most; None: CPU_BATCH_TOKENS on a CPU
     reuse_prefix: bool = True      # compute only the positions from each row's fact token on, above the replay
     max_buckets: int = 8           # rows are grouped by positions to compute into at most this many forwards
-    min_bucket_rows: int = 64      # ... each of at least this many rows
+    min_bucket_rows: int = 32      # ... each of at least this many rows
 
 
 @dataclass(frozen=True)
