@@ -557,8 +557,55 @@ def report(args, work: Path, results: dict, out: Path) -> dict:
            "inputs": results.get("inputs_summary")}
     write_json(out / "vs_easyedit.json", doc)
     (out / "vs_easyedit.txt").write_text(text + "\n", encoding="utf-8")
+    (out / "vs_easyedit.md").write_text(markdown_table(results, rows, cols, goals), encoding="utf-8")
     plot(rows, cols, out / "vs_easyedit.png", results)
+    if args.readme:
+        update_readme(Path(args.readme), (out / "vs_easyedit.md").read_text(encoding="utf-8"))
     return doc
+
+
+README_BEGIN = "<!-- bench_vs_easyedit table: begin (written by bench/bench_vs_easyedit.py --readme) -->"
+README_END = "<!-- bench_vs_easyedit table: end -->"
+
+
+def markdown_table(results: dict, rows, cols, goals: dict) -> str:
+    """The per-phase table (kedit fast / fast following the published steps / reference / EasyEdit)."""
+    names = {"kedit-fast": "kedit fast", "kedit-fast-published-steps": "kedit fast, published steps",
+             "kedit-reference": "kedit reference", "easyedit": "EasyEdit"}
+    out = ["| phase | " + " | ".join(names[c] for c in cols) + " | EasyEdit / kedit fast |",
+           "|---" * (len(cols) + 2) + "|"]
+    for phase, values in rows:
+        cells = ["" if values.get(c) is None else f"{values[c]:,.1f} s" for c in cols]
+        ee, fast = values.get("easyedit"), values.get("kedit-fast")
+        ratio = f"{ee / fast:.1f}x" if ee and fast else ""
+        bold = phase.startswith("end to end")
+        out.append(f"| {'**' + phase + '**' if bold else phase} | " + " | ".join(cells)
+                   + f" | {'**' + ratio + '**' if bold and ratio else ratio} |")
+    out.append("| value steps per request | " + " | ".join(f"{results[c]['value_steps_mean']:.1f}" for c in cols) + " | |")
+    out.append("| peak memory (RSS) | " + " | ".join(f"{results[c]['peak_rss_gib']:.2f} GiB" for c in cols) + " | |")
+    ev = results.get("evaluate")
+    if ev:
+        for metric in ("ES", "PS", "NS"):
+            out.append(f"| {metric} (unedited {ev['metrics']['unedited'][metric]:.1f}) | "
+                       + " | ".join("" if c not in ev["metrics"] else f"{ev['metrics'][c][metric]:.1f}" for c in cols)
+                       + " | |")
+    loads = [results["stages"][s]["loadavg_start"][0] for s in results["stages"] if "loadavg_start" in results["stages"][s]]
+    out.append("")
+    out.append(f"Load average (1 min) at the start of the stages: {min(loads):.2f}-{max(loads):.2f}." if loads else "")
+    out.append("")
+    for name, g in goals.items():
+        out.append(f"- {name}: {g['measured']} (goal {g['goal']}): **{'met' if g['met'] else 'not met'}**")
+    return "\n".join(out) + "\n"
+
+
+def update_readme(path: Path, table: str) -> None:
+    """Replace the text between the README's table markers with ``table``."""
+    text = path.read_text(encoding="utf-8")
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{path} has no bench_vs_easyedit table markers")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    path.write_text(head + README_BEGIN + "\n" + table + README_END + tail, encoding="utf-8")
 
 
 def goal_checks(results: dict, summary: dict) -> dict:
@@ -676,6 +723,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "vs_easyedit"))
     parser.add_argument("--stages", default=",".join(STAGES), help="stages to run (default: all)")
     parser.add_argument("--redo", default="", help="comma-separated stages to recompute even if done")
+    parser.add_argument("--readme", help="also write the table into this README (between its table markers)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
