@@ -105,6 +105,27 @@ def run_sweep(args, work: Path, cap: int | None) -> dict:
             "peak_over_model_gib": vs.gib(peak.peak - rss_model), "threads": torch.get_num_threads()}
 
 
+def counterfact_from_vs_easyedit(work: Path) -> list[dict]:
+    """The CounterFact runs with and without early stopping that bench_vs_easyedit.py made (its kedit-fast
+    and kedit-fast-published-steps stages, scored by its evaluate stage), in this benchmark's format."""
+    runs = []
+    evaluate = work / "stage-evaluate.json"
+    if not evaluate.exists():
+        return runs
+    metrics = vs.read_json(evaluate)["result"]["metrics"]
+    for stage, on in (("kedit-fast-published-steps", False), ("kedit-fast", True)):
+        path = work / f"stage-{stage}.json"
+        if not path.exists() or stage not in metrics:
+            continue
+        r = vs.read_json(path)["result"]
+        runs.append({"dataset": "counterfact", "early_stop_most_probable": on, "source": f"bench_vs_easyedit {stage}",
+                     "seconds_end_to_end": r["seconds_end_to_end"], "phases": r["timings_raw"],
+                     "value_steps_mean": r["value_steps_mean"], "value_steps": r["value_steps"],
+                     "quality": {m: metrics[stage][m] for m in QUALITY["counterfact"]},
+                     "quality_unedited": {m: metrics["unedited"][m] for m in QUALITY["counterfact"]}})
+    return runs
+
+
 def in_subprocess(args, work: Path, name: str, extra: list[str]) -> dict:
     path = work / f"values-bench-{name}.json"
     if path.exists() and not args.redo:
@@ -222,10 +243,24 @@ def main(argv=None) -> int:
         for r in doc["batch_sweep"]:
             lines.append(f"{'all' if r['batch_tokens'] is None else r['batch_tokens']:<18}{len(r['batches']):>9d}"
                          f"{r['seconds']:>8.1f}{r['seconds_per_request_step'] * 1000:>17.1f}{r['peak_rss_gib']:>14.2f}")
+    if args.early_stop and "counterfact" not in args.datasets.split(","):
+        cf = counterfact_from_vs_easyedit(work)
+        if cf:
+            doc["early_stop"] = cf + doc["early_stop"]
+            for r in cf:
+                q = "  ".join(f"{m} {v:.1f}" for m, v in r["quality"].items())
+                lines.append(f"{'counterfact' + (' on' if r['early_stop_most_probable'] else ' off'):<24s}"
+                             f"{r['value_steps_mean']:>14.2f}{r['phases']['values']:>10.1f}{r['phases']['keys']:>9.1f}"
+                             f"{r['seconds_end_to_end']:>9.1f}  {q}  (bench_vs_easyedit's kedit-fast stages)")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "values.json").exists():   # runs of the other part, kept
+        doc = {**{k: v for k, v in vs.read_json(out / "values.json").items() if k in ("early_stop", "batch_sweep")},
+               **doc}
+        text = ((out / "values.txt").read_text(encoding="utf-8") if not (args.early_stop and args.batch_sweep) else "") \
+            + text
     vs.write_json(out / "values.json", doc)
     (out / "values.txt").write_text(text + "\n", encoding="utf-8")
     plot(doc, out / "values.png")
