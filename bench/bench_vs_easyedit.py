@@ -203,6 +203,11 @@ def stage_prepare(args, work: Path) -> dict:
     for layer in layers:
         assert templates["rewrite_module_tmp"].format(layer) == adapter.mlp_out_name(layer)
         assert templates["layer_module_tmp"].format(layer) == adapter.layer_name(layer)
+    # EasyEdit reads "<lm_head_module>.weight" from named_parameters(), which lists a tied head's weight once,
+    # under the input embedding's name (SmolLM2 ties them): name the module that owns it there.
+    head = model.get_output_embeddings().weight
+    owner = next(name for name, p in model.named_parameters() if p is head)
+    templates["lm_head_module"] = owner.rsplit(".", 1)[0]
     data = COUNTERFACT if COUNTERFACT.exists() else COUNTERFACT_FALLBACK
     requests = load_requests(data, limit=args.requests)
     corpus_path = WIKITEXT if WIKITEXT.exists() else WIKITEXT_FALLBACK
