@@ -267,10 +267,10 @@ def stage_kedit_c0(args, work: Path) -> dict:
     inputs = read_json(work / "inputs.json")
     loaded = kedit_model(inputs)
     source = kedit_covariance(inputs, work, recompute=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     source.prepare(loaded, inputs["hparams"]["layers"])
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": inputs["corpus_tokens"], "report": source.last_report,
+    return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu, "tokens": inputs["corpus_tokens"], "report": source.last_report,
             "how": "one forward pass for all layers (kedit_core.stats.CachedCovariance)"}
 
 
@@ -280,6 +280,9 @@ def stage_kedit_edit(args, work: Path, variant: str) -> dict:
     from kedit_core import EditContext, compute_edit
     from kedit_core.requests import EditRequest
 
+    import kedit_core.editing.batch as batch_module
+
+    cpu_phases = install_cpu_phase_timer(batch_module)
     overrides, what = KEDIT_VARIANTS[variant]
     inputs = read_json(work / "inputs.json")
     loaded = kedit_model(inputs)
@@ -288,9 +291,9 @@ def stage_kedit_edit(args, work: Path, variant: str) -> dict:
     source = kedit_covariance(inputs, work)
     context = EditContext(seed=0, stats=source, context_templates=inputs["context_templates"], progress=True)
     with PeakMemory() as peak:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = compute_edit(loaded, requests, "memit", context=context, **kedit_hparams(inputs, overrides))
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     result.deltas.save(work / f"deltas-{variant}.safetensors")
     steps = result.info["value_steps"]
     timings = dict(result.timings)
@@ -298,10 +301,36 @@ def stage_kedit_edit(args, work: Path, variant: str) -> dict:
             "phases": {"values": timings.get("values", 0.0), "keys": timings.get("keys", 0.0),
                        "solve": timings.get("solve", 0.0), "statistics (load C0, factor)": timings.get("statistics", 0.0),
                        "context templates": timings.get("context templates", 0.0)},
-            "timings_raw": timings, "value_steps_mean": sum(steps) / len(steps), "value_steps": steps,
+            "timings_raw": timings, "cpu_seconds_end_to_end": cpu, "cpu_seconds_per_phase": dict(cpu_phases),
+            "value_steps_mean": sum(steps) / len(steps), "value_steps": steps,
             "keys_passes": result.info.get("keys_passes"), "value_batches": result.info.get("value_batches"),
             "rss_after_model_load_gib": gib(rss_model), "peak_rss_gib": gib(peak.peak),
             "max_rss_gib": gib(PeakMemory.max_rss()), "threads": torch.get_num_threads()}
+
+
+def install_cpu_phase_timer(batch_module) -> dict:
+    """Make kedit's phase timer (in ``batch_module``) also add each phase's process CPU seconds (all
+    threads) to the returned dict: CPU time is what a busy machine's other jobs disturb least."""
+    cpu: dict[str, float] = {}
+    base = batch_module.PhaseTimer
+
+    class CpuPhaseTimer(base):
+        def __call__(self, phase: str):
+            inner = super().__call__(phase)
+
+            class _Phase:
+                def __enter__(self_inner):
+                    self_inner.cpu = time.process_time()
+                    return inner.__enter__()
+
+                def __exit__(self_inner, *exc):
+                    cpu[phase] = cpu.get(phase, 0.0) + time.process_time() - self_inner.cpu
+                    return inner.__exit__(*exc)
+
+            return _Phase()
+
+    batch_module.PhaseTimer = CpuPhaseTimer
+    return cpu
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,13 +410,14 @@ def easyedit_setup(work: Path):
 def stage_easyedit_c0(args, work: Path) -> dict:
     inputs, memit_main, hp, model, tok, src = easyedit_setup(work)
     per_layer = {}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for layer in hp.layers:
         t = time.perf_counter()
         memit_main.get_cov(model, tok, hp.rewrite_module_tmp.format(layer), hp.mom2_dataset, hp.mom2_n_samples,
                            hp.mom2_dtype, hparams=hp)
         per_layer[layer] = time.perf_counter() - t
-    return {"seconds": time.perf_counter() - start, "seconds_per_layer": per_layer, "easyedit_source": str(src),
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "seconds_per_layer": per_layer, "easyedit_source": str(src),
             "how": "EasyEdit get_cov -> layer_stats per layer (one pass per layer), on the unedited model"}
 
 
@@ -398,14 +428,16 @@ def stage_easyedit_edit(args, work: Path) -> dict:
     rss_model = PeakMemory.rss()
     memit_main.CONTEXT_TEMPLATES_CACHE = inputs["context_templates"]
     seconds: dict[str, float] = {}
+    cpu_seconds: dict[str, float] = {}
 
     def timed(name, fn):
         def wrapper(*a, **kw):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **kw)
             finally:
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
+                cpu_seconds[name] = cpu_seconds.get(name, 0.0) + time.process_time() - c
         return wrapper
 
     memit_main.compute_z = timed("values", memit_main.compute_z)
@@ -428,9 +460,9 @@ def stage_easyedit_edit(args, work: Path) -> dict:
     requests = [{"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"],
                  "case_id": r["case_id"]} for r in inputs["requests"]]
     with PeakMemory() as peak:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         deltas = memit_main.execute_memit(model, tok, requests, hp)
-        total = time.perf_counter() - start
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu
     torch.optim.Adam = adam
     tensors = {}
     for name, (key_mat, val_mat) in deltas.items():  # as apply_memit_to_model forms the update
@@ -444,7 +476,8 @@ def stage_easyedit_edit(args, work: Path) -> dict:
               "statistics (load C0)": seconds.get("statistics (load C0)", 0.0)}
     phases["solve"] = total - sum(phases.values())
     return {"what": "EasyEdit MEMIT (execute_memit)", "easyedit_source": str(src), "seconds_end_to_end": total,
-            "phases": phases, "timings_raw": seconds, "value_steps_mean": sum(steps) / max(len(steps), 1),
+            "phases": phases, "timings_raw": seconds, "cpu_seconds_end_to_end": cpu, "cpu_seconds_per_phase": cpu_seconds,
+            "value_steps_mean": sum(steps) / max(len(steps), 1),
             "value_steps": steps, "rss_after_model_load_gib": gib(rss_model), "peak_rss_gib": gib(peak.peak),
             "max_rss_gib": gib(PeakMemory.max_rss()), "threads": torch.get_num_threads()}
 
@@ -537,6 +570,12 @@ def report(args, work: Path, results: dict, out: Path) -> dict:
             if c != "easyedit" and ee and values.get(c):
                 summary["speedup_vs_easyedit"].setdefault(c, {})[phase] = ee / values[c]
         lines.append(f"{phase:<26s}{cells}{ratio:>24s}")
+    cpu = {c: results[c].get("cpu_seconds_end_to_end") for c in cols}
+    lines.append(f"{'CPU s, end to end excl C0':<26s}" + "".join(f"{'' if cpu[c] is None else '%.1f s' % cpu[c]:>28s}"
+                                                               for c in cols)
+                 + (f"{cpu['easyedit'] / cpu['kedit-fast']:>23.1f}x" if cpu.get("easyedit") and cpu.get("kedit-fast")
+                    else ""))
+    summary["cpu_seconds_end_to_end"] = cpu
     lines.append(f"{'value steps per request':<26s}" + "".join(f"{results[c]['value_steps_mean']:>28.2f}" for c in cols))
     lines.append(f"{'peak RSS (GiB)':<26s}" + "".join(f"{results[c]['peak_rss_gib']:>28.2f}" for c in cols))
     ev = results.get("evaluate")
@@ -586,6 +625,11 @@ def markdown_table(results: dict, rows, cols, goals: dict) -> str:
         bold = phase.startswith("end to end")
         out.append(f"| {'**' + phase + '**' if bold else phase} | " + " | ".join(cells)
                    + f" | {'**' + ratio + '**' if bold and ratio else ratio} |")
+    cpu = {c: results[c].get("cpu_seconds_end_to_end") for c in cols}
+    if all(cpu.values()):
+        ratio = f"{cpu['easyedit'] / cpu['kedit-fast']:.1f}x" if "easyedit" in cpu and "kedit-fast" in cpu else ""
+        out.append("| CPU seconds (all threads), end to end excluding C0 | " + " | ".join(f"{cpu[c]:,.0f} s" for c in cols)
+                   + f" | {ratio} |")
     out.append("| value steps per request | " + " | ".join(f"{results[c]['value_steps_mean']:.1f}" for c in cols) + " | |")
     out.append("| peak memory (RSS) | " + " | ".join(f"{results[c]['peak_rss_gib']:.2f} GiB" for c in cols) + " | |")
     ev = results.get("evaluate")
