@@ -108,13 +108,13 @@ def run_sweep(args, work: Path, cap: int | None) -> dict:
 
 def counterfact_from_vs_easyedit(work: Path) -> list[dict]:
     """The CounterFact runs with and without early stopping that bench_vs_easyedit.py made (its kedit-fast
-    and kedit-fast-published-steps stages, scored by its evaluate stage), in this benchmark's format."""
+    and kedit-fast-early-stop stages, scored by its evaluate stage), in this benchmark's format."""
     runs = []
     evaluate = work / "stage-evaluate.json"
     if not evaluate.exists():
         return runs
     metrics = vs.read_json(evaluate)["result"]["metrics"]
-    for stage, on in (("kedit-fast-published-steps", False), ("kedit-fast", True)):
+    for stage, on in (("kedit-fast", False), ("kedit-fast-early-stop", True)):
         path = work / f"stage-{stage}.json"
         if not path.exists() or stage not in metrics:
             continue

@@ -67,10 +67,9 @@ EASYEDIT_PACKAGES = ["datasets==4.8.5", "pandas==2.3.3", "pyarrow==24.0.0", "dil
 
 KEDIT_VARIANTS = {
     # name: (hparams overrides, what it is)
-    "kedit-fast": ({"mode": "fast"}, "kedit's default fast mode"),
-    "kedit-fast-published-steps": ({"mode": "fast", "early_stop_most_probable": False},
-                                   "fast mode following the published value objective step for step "
-                                   "(no most-probable early stopping)"),
+    "kedit-fast": ({"mode": "fast"}, "kedit's default fast mode (the published value objective, step for step)"),
+    "kedit-fast-early-stop": ({"mode": "fast", "early_stop_most_probable": True},
+                              "fast mode with most-probable early stopping (ENCORE's rule; opt-in)"),
     "kedit-reference": ({"mode": "reference"}, "kedit's reference mode (the published loops)"),
 }
 STAGES = ["prepare", "kedit-c0", *KEDIT_VARIANTS, "easyedit-c0", "easyedit-edit", "evaluate"]
@@ -512,8 +511,8 @@ def stage_evaluate(args, work: Path) -> dict:
         with Deltas(dict(tensors)).apply(loaded.model, check_fingerprint=False):
             metrics[tool] = aggregate(evaluate_cases(loaded, cases, fmt, settings), fmt)
     comparisons = {}
-    for a, b in [("kedit-reference", "easyedit"), ("kedit-fast", "easyedit"), ("kedit-fast-published-steps", "easyedit"),
-                 ("kedit-fast-published-steps", "kedit-reference"), ("kedit-fast", "kedit-reference")]:
+    for a, b in [("kedit-reference", "easyedit"), ("kedit-fast", "easyedit"), ("kedit-fast-early-stop", "easyedit"),
+                 ("kedit-fast", "kedit-reference")]:
         if a in deltas and b in deltas:
             comparisons[f"{a} vs {b}"] = relative_differences(deltas[a], deltas[b])
     # The two tools' C0 (same documents, each tool's own code).
@@ -539,7 +538,7 @@ def stage_evaluate(args, work: Path) -> dict:
 
 
 def phase_rows(results: dict) -> list[tuple[str, dict]]:
-    cols = [c for c in ("kedit-fast", "kedit-fast-published-steps", "kedit-reference", "easyedit") if c in results]
+    cols = [c for c in ("kedit-fast", "kedit-fast-early-stop", "kedit-reference", "easyedit") if c in results]
     c0 = {"easyedit": results.get("easyedit-c0", {}).get("seconds")}
     for c in cols:
         if c.startswith("kedit"):
@@ -555,7 +554,7 @@ def phase_rows(results: dict) -> list[tuple[str, dict]]:
 
 
 def report(args, work: Path, results: dict, out: Path) -> dict:
-    cols = [c for c in ("kedit-fast", "kedit-fast-published-steps", "kedit-reference", "easyedit") if c in results]
+    cols = [c for c in ("kedit-fast", "kedit-fast-early-stop", "kedit-reference", "easyedit") if c in results]
     rows = phase_rows(results)
     lines = [f"{'phase':<26s}" + "".join(f"{c:>28s}" for c in cols) + f"{'EasyEdit / kedit-fast':>24s}"]
     summary = {"seconds": {}, "speedup_vs_easyedit": {}}
@@ -614,7 +613,7 @@ README_END = "<!-- bench_vs_easyedit table: end -->"
 
 def markdown_table(results: dict, rows, cols, goals: dict) -> str:
     """The per-phase table (kedit fast / fast following the published steps / reference / EasyEdit)."""
-    names = {"kedit-fast": "kedit fast", "kedit-fast-published-steps": "kedit fast, published steps",
+    names = {"kedit-fast": "kedit fast", "kedit-fast-early-stop": "kedit fast, early stop (opt-in)",
              "kedit-reference": "kedit reference", "easyedit": "EasyEdit"}
     out = ["| phase | " + " | ".join(names[c] for c in cols) + " | EasyEdit / kedit fast |",
            "|---" * (len(cols) + 2) + "|"]
@@ -664,11 +663,13 @@ def goal_checks(results: dict, summary: dict) -> dict:
     end = "end to end excluding C0"
     if "kedit-fast" in speed and end in speed["kedit-fast"]:
         x = speed["kedit-fast"][end]
-        goals["fast mode end to end vs EasyEdit"] = {"measured": f"{x:.1f}x", "goal": ">= 20x", "met": x >= 20}
-    if "kedit-fast-published-steps" in speed and end in speed["kedit-fast-published-steps"]:
-        x = speed["kedit-fast-published-steps"][end]
+        goals["fast mode (default) end to end vs EasyEdit"] = {"measured": f"{x:.1f}x", "goal": ">= 20x", "met": x >= 20}
         goals["published objective step for step vs EasyEdit"] = {"measured": f"{x:.1f}x", "goal": ">= 6x",
                                                                     "met": x >= 6}
+    if "kedit-fast-early-stop" in speed and end in speed["kedit-fast-early-stop"]:
+        x = speed["kedit-fast-early-stop"][end]
+        goals["fast mode with early stopping vs EasyEdit (quality below)"] = {"measured": f"{x:.1f}x",
+                                                                             "goal": ">= 20x", "met": x >= 20}
     if "kedit-fast" in speed and "C0" in speed["kedit-fast"]:
         x = speed["kedit-fast"]["C0"]
         goals["C0 vs EasyEdit"] = {"measured": f"{x:.1f}x", "goal": ">= 10x", "met": x >= 10}
@@ -696,7 +697,7 @@ def plot(rows, cols, path: Path, results: dict) -> None:
     import matplotlib.pyplot as plt
 
     phases = [(name, values) for name, values in rows if name in ("C0", "values", "keys", "solve")]
-    colours = {"kedit-fast": "#1f77b4", "kedit-fast-published-steps": "#6baed6", "kedit-reference": "#9ecae1",
+    colours = {"kedit-fast": "#1f77b4", "kedit-fast-early-stop": "#6baed6", "kedit-reference": "#9ecae1",
                "easyedit": "#999999"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(cols)
