@@ -52,6 +52,9 @@ class EditContext:
     # own layout), for penalties on the cumulative update W_k - W_0.
     preserved_keys: Mapping[int, torch.Tensor] | None = None
     base_weights: Mapping[str, torch.Tensor] | None = None
+    # Memory the batched value optimisation may use (bytes, or a size such as "8GB"); None: a share of the
+    # device's free memory.
+    max_memory: int | str | None = None
 
     def say(self, message: str) -> None:
         if self.log is not None:

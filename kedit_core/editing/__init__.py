@@ -15,7 +15,8 @@ from .solvers import (CovarianceFactors, FactorCache, alphaedit_regulariser_solv
                       emmet_solve, factor_cache_for, memit_solve, rome_left_vector)
 from .templates import (MEMIT_RECIPE, TemplateRecipe, flatten_templates, generate_context_templates,
                         load_context_templates, resolve_context_templates, rome_recipe, validate_template_groups)
-from .values import Injection, ValueResult, ValueSettings, optimise_values_batched, optimise_values_reference
+from .values import (Injection, ValueResult, ValueSettings, optimise_values_across_ranks, optimise_values_batched,
+                     optimise_values_reference, parse_memory, plan_value_batches)
 
 __all__ = [
     "BatchEditHParams", "BatchEditor", "alphaedit_regulariser_solve", "alphaedit_solve", "covariance_solve", "cumulative_drift",
@@ -24,7 +25,8 @@ __all__ = [
     "check_architecture_strings", "check_layers", "collect", "compute_batch_edit", "covariance_factors", "delta_dtype",
     "emmet_solve", "encode_prompts", "factor_cache_for", "flat_mean_weights", "flatten_templates",
     "generate_context_templates", "group_mean_weights", "inferred_layers", "key_rows", "load_context_templates",
-    "memit_solve", "optimise_values_batched", "optimise_values_reference", "published_defaults",
+    "memit_solve", "optimise_values_across_ranks", "optimise_values_batched", "optimise_values_reference",
+    "parse_memory", "plan_value_batches", "published_defaults",
     "resolve_context_templates", "rome_left_vector", "rome_recipe", "rows_with_bare_prompts",
     "validate_template_groups", "value_rows", "value_settings", "warn_conflicts",
 ]

@@ -8,8 +8,11 @@ Keys that some reference repositories add for bookkeeping (``model_name``, ``alg
 
 * ``mode``: ``"fast"`` (default: batched value optimisation, cached factors and Woodbury solves,
   character-offset subject positions) or ``"reference"`` (the published loops and arithmetic);
-* ``value_batch_size``: requests optimised together in fast mode;
-* ``early_stop_most_probable``: also stop a request once its target is the argmax everywhere;
+* ``value_batch_size``: requests optimised together in fast mode (default ``None``: batches sized from
+  the memory available, see :func:`kedit_core.editing.values.plan_value_batches`; ``--max-memory`` /
+  ``EditContext.max_memory`` bounds them);
+* ``early_stop_most_probable``: also stop a request once its target is the argmax everywhere (default
+  ``None``: the editor's choice for the mode, see :func:`kedit_core.editing.batch.value_settings`);
 * ``solver``: ``auto`` | ``woodbury`` | ``direct`` | ``reference`` (fast mode; reference mode always
   uses the published solve).
 """
@@ -63,8 +66,8 @@ class LocateEditHParams(HyperParams):
 
     # kedit
     mode: Literal["fast", "reference"] = "fast"
-    value_batch_size: int = 256
-    early_stop_most_probable: bool = False
+    value_batch_size: int | None = None
+    early_stop_most_probable: bool | None = None
     solver: str = "auto"
 
     def validate(self) -> None:
@@ -79,7 +82,8 @@ class LocateEditHParams(HyperParams):
         self.require(self.v_weight_decay >= 0, "v_weight_decay", "must be >= 0")
         self.require(self.clamp_norm_factor > 0, "clamp_norm_factor", "must be positive")
         self.require(self.kl_factor >= 0, "kl_factor", "must be >= 0")
-        self.require(self.value_batch_size >= 1, "value_batch_size", "must be at least 1")
+        self.require(self.value_batch_size is None or self.value_batch_size >= 1, "value_batch_size",
+                     "must be at least 1 (or null: sized from the memory available)")
         self.require(self.solver in SOLVERS, "solver", f"expected one of {list(SOLVERS)}")
         self.require(self.mom2_dtype in ("float32", "float64", "float16", "bfloat16"), "mom2_dtype",
                      "expected float32, float64, float16 or bfloat16")

@@ -22,10 +22,20 @@ Two implementations with the same semantics:
   and later steps run each row only from its own fact token on (prefixes left-padded so the rows line
   up, true position ids; rows grouped by how many positions they need into a few forwards); the forward
   stops after the last layer and the unembedding runs only where the loss
-  reads logits; a request that stops is
+  reads logits. The first pass runs each row's prefix through every layer (for its keys/values) but its
+  suffix only up to the injection site, and the prefix tokens that the rows of one context template share
+  (the template's text) once per template, not once per request; a request that stops is
   frozen (its rows leave the batch); Adam is applied row-wise with the same arithmetic as
   ``torch.optim.Adam``, so each request follows the trajectory it would follow alone. Optional: stop a
   request as soon as its target is the argmax at every target position of every rewriting prompt.
+
+Batches are sized from memory (:func:`plan_value_batches`): the first request runs alone while a meter
+counts what it holds (the tensors kept across steps and those autograd saves in its first step), and the
+others are packed into batches whose predicted peak fits the budget (the device's free memory, or
+``memory_bytes``; ``--max-memory``), capped on a CPU where larger batches stop paying. A request that
+cannot fit alone is a :class:`~kedit_core.errors.KeditError`, raised by the meter before the memory is
+taken. Under ``torchrun`` (:func:`optimise_values_across_ranks`) each process optimises a contiguous share
+of the requests and the values are gathered, so every rank holds them all.
 """
 from __future__ import annotations
 
@@ -41,14 +51,26 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import KeditError
 from ..tracing import TraceDict, primary, replace_primary
 from .forward import BlockOutput, replaying_blocks
 from .rows import TokenRows
 
 __all__ = ["ValueSettings", "Injection", "ValueResult", "ValueStore", "optimise_values_batched",
-           "optimise_values_reference"]
+           "optimise_values_across_ranks", "optimise_values_reference", "plan_value_batches", "free_memory",
+           "parse_memory"]
 
 LOSS_THRESHOLD = 5e-2  # compute_z / compute_v: `if loss < 5e-2: break`
+# Tokens (of all rows) per value batch on a CPU: past this a step costs the same per token (measured on
+# SmolLM2-135M, bench/results/README.md), so larger batches only take memory.
+CPU_BATCH_TOKENS = 2048
+# Peak memory of a batch over what the meter counts (the backward's gradients, transient logits,
+# allocator slack); measured on SmolLM2-135M on the CPU.
+MEMORY_HEADROOM = 1.5
+FREE_MEMORY_SHARE = 0.8   # of the memory the device reports free, the share value batches may plan with
+# Fields that size batches: they change how requests are grouped, not any request's result (each
+# follows its own trajectory), so they are not part of a stored batch's key.
+SIZING_FIELDS = ("batch_requests", "memory_bytes", "batch_tokens")
 
 
 @dataclass(frozen=True)
@@ -60,10 +82,12 @@ class ValueSettings:
     kl_factor: float
     loss_threshold: float = LOSS_THRESHOLD
     stop_when_most_probable: bool = False
-    batch_requests: int = 256      # requests optimised together (memory bound)
+    batch_requests: int | None = None  # requests per batch; None: sized from memory (plan_value_batches)
+    memory_bytes: int | None = None    # what value batches may take; None: a share of the device's free memory
+    batch_tokens: int | None = None    # tokens (all rows) per batch at most; None: CPU_BATCH_TOKENS on a CPU
     reuse_prefix: bool = True      # compute only the positions from each row's fact token on, above the replay
     max_buckets: int = 8           # rows are grouped by positions to compute into at most this many forwards
-    min_bucket_rows: int = 64      # ... each of at least this many rows
+    min_bucket_rows: int = 32      # ... each of at least this many rows
 
 
 @dataclass(frozen=True)
@@ -88,6 +112,8 @@ class ValueResult:
     delta: torch.Tensor            # [N, d]
     steps: list[int] = field(default_factory=list)         # Adam steps taken per request
     final_loss: list[float] = field(default_factory=list)  # the last loss computed per request
+    batches: list[int] = field(default_factory=list)       # requests per batch, in order
+    plan: dict = field(default_factory=dict)               # how the batches were sized (memory, measured bytes)
 
 
 class ValueStore:
@@ -112,12 +138,27 @@ class ValueStore:
         local = {req: i for i, req in enumerate(requests)}
         chunk = [[rows.ids[r], rows.lookup[r], rows.labels[r], rows.kind[r], local[rows.owner[r]]]
                  for r in rows.rows_of(requests)]
-        payload = {"model": self.base_fingerprint, "settings": asdict(settings), "injection": asdict(injection),
-                   "rows": chunk, "target_lengths": [target_lengths[r] for r in requests]}
+        payload = {"model": self.base_fingerprint, "settings": _result_settings(settings),
+                   "injection": asdict(injection), "rows": chunk, "target_lengths": [target_lengths[r] for r in requests]}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
     def _path(self, key: str):
         return self.directory / f"values-{key}.pt"
+
+    def _plan_path(self, rows: TokenRows, target_lengths, settings: ValueSettings, injection: Injection) -> Path:
+        """Where the batch plan of this whole edit is kept: a resumed run groups the requests as the first
+        run did (free memory differs between runs), so its stored batches are found again."""
+        key = self.key(rows, list(range(len(target_lengths))), target_lengths, settings, injection)
+        return self.directory / f"plan-{key}.json"
+
+    def load_plan(self, rows, target_lengths, settings, injection) -> dict | None:
+        path = self._plan_path(rows, target_lengths, settings, injection)
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    def save_plan(self, rows, target_lengths, settings, injection, plan: dict) -> None:
+        from ..atomic import write_json_atomic
+
+        write_json_atomic(self._plan_path(rows, target_lengths, settings, injection), plan)
 
     def load(self, key: str) -> ValueResult | None:
         path = self._path(key)
@@ -147,6 +188,133 @@ class ValueStore:
                         "steps": list(result.steps), "final_loss": list(result.final_loss),
                         "seconds": float(seconds)}, tmp)
         self.saved += 1
+
+
+def _result_settings(settings: ValueSettings) -> dict:
+    return {k: v for k, v in asdict(settings).items() if k not in SIZING_FIELDS}
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_memory(value: int | float | str) -> int:
+    """Bytes from ``4000000``, ``"512MiB"``, ``"8GB"``, ``"1.5g"`` (K/M/G/T alone are binary units)."""
+    import re
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        amount, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise KeditError(f"memory size {value!r}: expected a number of bytes or a size such as 512MiB, 8GB, 1.5G")
+        amount, unit = float(match.group(1)), match.group(2).lower()
+    size = int(amount * _UNITS[unit])
+    if size <= 0:
+        raise KeditError(f"memory size {value!r} must be positive")
+    return size
+
+
+def free_memory(device) -> int:
+    """Bytes the device can still give: on a GPU what the driver reports free plus what torch's caching
+    allocator holds unused; on a CPU the memory the OS reports available."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _tensor_bytes(obj, seen: set) -> int:
+    """Bytes of the tensors in a nest of tuples/lists (each storage counted once)."""
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(x, seen) for x in obj)
+    return 0
+
+
+class _MemoryMeter:
+    """Counts what a batch of value optimisation holds at its first step (every request is active then,
+    so it holds the most): the tensors kept across steps, and those autograd saves for the backward
+    (parameters excluded). Past ``budget`` bytes it raises a :class:`KeditError` at once, before more is
+    taken (batches are planned to use ``1 / MEMORY_HEADROOM`` of it); ``what`` names the requests."""
+
+    def __init__(self, model, budget: int, what: str, budget_text: str):
+        self.budget, self.what, self.budget_text = budget, what, budget_text
+        self.parameters = {p.untyped_storage().data_ptr() for p in model.model.parameters()}
+        self.seen: set = set()
+        self.held = 0
+        self.saved = 0
+
+    @property
+    def total(self) -> int:
+        return self.held + self.saved
+
+    def hold(self, obj) -> None:
+        self.held += _tensor_bytes(obj, self.seen)
+        self._check()
+
+    def pack(self, t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.parameters and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.saved += t.untyped_storage().nbytes()
+            self._check()
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor):
+        return t
+
+    def _check(self) -> None:
+        if self.total > self.budget:
+            raise KeditError(f"value optimisation does not fit in memory: {self.what} holds more than the "
+                             f"{_gib(self.budget)} it may use ({self.budget_text}); give it more memory (--max-memory), "
+                             "use a smaller dtype, or fewer context templates")
+
+    def saving(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def plan_value_batches(sizes: Sequence[int], bytes_per_token: float, budget: int, max_tokens: int | None,
+                       first: int = 0) -> list[list[int]]:
+    """Requests ``first..`` (``sizes[i]``: tokens in request ``i``'s rows) in consecutive batches whose
+    predicted peak (``MEMORY_HEADROOM · bytes_per_token · tokens``) fits ``budget`` and whose tokens stay
+    within ``max_tokens``. Raises :class:`KeditError` for a request that does not fit alone."""
+    per_batch = budget / (MEMORY_HEADROOM * bytes_per_token)
+    if max_tokens is not None:
+        per_batch = min(per_batch, max_tokens)
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i in range(first, len(sizes)):
+        need = MEMORY_HEADROOM * bytes_per_token * sizes[i]
+        if need > budget:
+            raise KeditError(f"value optimisation does not fit in memory: request {i} alone needs about {_gib(need)} "
+                             f"and {_gib(budget)} may be used; give it more memory (--max-memory), use a smaller "
+                             "dtype, or fewer context templates")
+        if current and tokens + sizes[i] > per_batch:
+            chunks.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += sizes[i]
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,31 +357,118 @@ def _adam_step_rows(delta, grad, exp_avg, exp_avg_sq, rows, step, lr, beta1=0.9,
 def optimise_values_batched(model, rows: TokenRows, target_lengths: Sequence[int], settings: ValueSettings,
                             injection: Injection, *, progress: bool = False,
                             store: ValueStore | None = None) -> ValueResult:
-    """Optimise every request's ``δ`` in batches of ``settings.batch_requests`` requests (see module
-    docstring). ``rows`` come from :func:`~kedit_core.editing.rows.value_rows`. With ``store``, batches
-    finished by an earlier (interrupted) run are loaded from it and each new one is saved to it."""
+    """Optimise every request's ``δ`` in batches (``settings.batch_requests`` requests each, or sized from
+    memory: see the module docstring). ``rows`` come from :func:`~kedit_core.editing.rows.value_rows`.
+    With ``store``, batches finished by an earlier (interrupted) run are loaded from it, in the grouping
+    that run chose, and each new one is saved to it."""
     n = len(target_lengths)
+    sizes = [0] * n
+    for r, owner in enumerate(rows.owner):
+        sizes[owner] += len(rows.ids[r])
     results: list[ValueResult] = []
-    chunks = [list(range(s, min(n, s + settings.batch_requests))) for s in range(0, n, settings.batch_requests)]
+    budget = settings.memory_bytes or int(FREE_MEMORY_SHARE * free_memory(model.device))
+    budget_text = ("--max-memory" if settings.memory_bytes else
+                   f"{FREE_MEMORY_SHARE:.0%} of the free memory on {model.device.type}")
+    max_tokens = settings.batch_tokens or (CPU_BATCH_TOKENS if model.device.type == "cpu" else None)
+    plan = store.load_plan(rows, target_lengths, settings, injection) if store is not None else None
+    if plan is None and settings.batch_requests is not None:
+        step = settings.batch_requests
+        plan = {"chunks": [list(range(s, min(n, s + step))) for s in range(0, n, step)], "sized_by": "batch_requests"}
     bar = tqdm(total=n * max(settings.num_steps - 1, 0), desc="optimising values", unit="step", disable=not progress,
                leave=False)
+
+    def run(chunk: list[int], meter: _MemoryMeter, reuse: bool = True) -> ValueResult:
+        key = None if store is None else store.key(rows, chunk, target_lengths, settings, injection)
+        done = store.load(key) if key is not None and reuse else None
+        if done is not None:
+            bar.update(len(chunk) * max(settings.num_steps - 1, 0))
+            return done
+        started = time.perf_counter()
+        try:
+            done = _optimise_chunk(model, rows, chunk, target_lengths, settings, injection, bar, meter)
+        except torch.OutOfMemoryError:
+            raise KeditError(f"value optimisation ran out of device memory on requests {chunk[0]}..{chunk[-1]} "
+                             f"(budget {_gib(budget)}, {budget_text}); pass a smaller --max-memory") from None
+        if key is not None:   # (the result is on the CPU: the clock covers the device's work)
+            store.save(key, done, time.perf_counter() - started)
+        return done
+
     try:
-        for chunk in chunks:
-            key = None if store is None else store.key(rows, chunk, target_lengths, settings, injection)
-            done = None if key is None else store.load(key)
-            if done is None:
-                started = time.perf_counter()
-                done = _optimise_chunk(model, rows, chunk, target_lengths, settings, injection, bar)
-                if key is not None:   # (the result is on the CPU: the clock covers the device's work)
-                    store.save(key, done, time.perf_counter() - started)
-            else:
-                bar.update(len(chunk) * max(settings.num_steps - 1, 0))
-            results.append(done)
+        if plan is None:
+            # The first request alone, its memory counted; the others planned from what it held.
+            meter = _MemoryMeter(model, budget, "request 0 alone", budget_text)
+            results.append(run([0], meter, reuse=False))  # (computed, not loaded: its memory is the measure)
+            bytes_per_token = meter.total / sizes[0]
+            plan_value_batches(sizes[:1], bytes_per_token, budget, None)  # request 0 fits with the headroom too
+            plan = {"chunks": [[0]] + plan_value_batches(sizes, bytes_per_token, budget, max_tokens, first=1),
+                    "sized_by": "memory", "budget_bytes": budget, "budget": budget_text,
+                    "bytes_per_token": bytes_per_token, "headroom": MEMORY_HEADROOM, "max_tokens": max_tokens}
+            if store is not None:
+                store.save_plan(rows, target_lengths, settings, injection, plan)
+        for chunk in plan["chunks"][len(results):]:
+            what = f"requests {chunk[0]}..{chunk[-1]}" if len(chunk) > 1 else f"request {chunk[0]} alone"
+            results.append(run(chunk, _MemoryMeter(model, budget, what, budget_text)))
     finally:
         bar.close()
     return ValueResult(target=torch.cat([r.target for r in results]), init=torch.cat([r.init for r in results]),
                        delta=torch.cat([r.delta for r in results]), steps=[s for r in results for s in r.steps],
-                       final_loss=[x for r in results for x in r.final_loss])
+                       final_loss=[x for r in results for x in r.final_loss], batches=[len(c) for c in plan["chunks"]],
+                       plan={k: v for k, v in plan.items() if k != "chunks"})
+
+
+def _rows_of_requests(rows: TokenRows, requests: Sequence[int]) -> TokenRows:
+    """The rows of ``requests``, renumbered ``0..len(requests)-1`` in that order."""
+    local = {req: i for i, req in enumerate(requests)}
+    out = TokenRows()
+    for r in rows.rows_of(requests):
+        out.append(rows.ids[r], rows.lookup[r], rows.labels[r], owner=local[rows.owner[r]], kind=rows.kind[r],
+                   template=rows.template[r])
+    return out
+
+
+def optimise_values_across_ranks(model, rows: TokenRows, target_lengths: Sequence[int], settings: ValueSettings,
+                                 injection: Injection, *, progress: bool = False,
+                                 store: ValueStore | None = None) -> ValueResult:
+    """:func:`optimise_values_batched` split over the processes of a ``torch.distributed`` group (as
+    ``torchrun`` starts them): rank ``r`` takes the ``r``-th of ``world`` consecutive shares of the
+    requests (balanced by tokens), and the values are gathered so every rank returns all of them. Each
+    request follows the trajectory it follows in one process, so the results equal a single process's to
+    float rounding. Without a group (or with one process) this is :func:`optimise_values_batched`."""
+    from ..stats.collect import distributed_info
+
+    rank, world = distributed_info()
+    n = len(target_lengths)
+    if world == 1 or n == 1:
+        return optimise_values_batched(model, rows, target_lengths, settings, injection, progress=progress, store=store)
+    import torch.distributed as dist
+
+    sizes = [0] * n
+    for r, owner in enumerate(rows.owner):
+        sizes[owner] += len(rows.ids[r])
+    prefix = [0]
+    for size in sizes:
+        prefix.append(prefix[-1] + size)
+    bounds = [0]
+    for k in range(1, world):   # cut nearest to k/world of the tokens, every rank keeping a request if it can
+        low, high = min(bounds[-1] + 1, n), max(min(bounds[-1] + 1, n), n - (world - k))
+        bounds.append(min(range(low, high + 1), key=lambda j: abs(prefix[j] - prefix[n] * k / world)))
+    bounds.append(n)
+    mine = list(range(bounds[rank], bounds[rank + 1]))
+    part = None
+    if mine:
+        part = optimise_values_batched(model, _rows_of_requests(rows, mine), [target_lengths[i] for i in mine],
+                                       settings, injection, progress=progress and rank == 0, store=store)
+        part = {"target": part.target, "init": part.init, "delta": part.delta, "steps": part.steps,
+                "final_loss": part.final_loss, "batches": part.batches, "plan": part.plan}
+    parts: list = [None] * world
+    dist.all_gather_object(parts, part)
+    parts = [p for p in parts if p is not None]
+    return ValueResult(target=torch.cat([p["target"] for p in parts]), init=torch.cat([p["init"] for p in parts]),
+                       delta=torch.cat([p["delta"] for p in parts]), steps=[s for p in parts for s in p["steps"]],
+                       final_loss=[x for p in parts for x in p["final_loss"]],
+                       batches=[b for p in parts for b in p["batches"]],
+                       plan={"world_size": world, "requests_per_rank": [bounds[k + 1] - bounds[k] for k in range(world)],
+                             "per_rank": [p["plan"] for p in parts]})
 
 
 def _buckets(need: torch.Tensor, max_buckets: int) -> list[torch.Tensor]:
@@ -229,6 +484,8 @@ def _prefix_cache(snapshot, rows: torch.Tensor):
     never extended in place, so every step starts from the same prefix)."""
     from transformers import DynamicCache
 
+    if rows.numel() == snapshot[0][0].shape[0]:  # every row still active: the snapshot itself, not a copy
+        return DynamicCache(ddp_cache_data=list(snapshot))
     return DynamicCache(ddp_cache_data=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in snapshot])
 
 
@@ -250,8 +507,102 @@ def _from_split(t: torch.Tensor, split: torch.Tensor, width: int) -> torch.Tenso
     return t.gather(1, idx)
 
 
+class _SharedPrefixes:
+    """Keys/values of the rows' prefixes (the tokens before each row's fact token) at every layer, for the
+    aligned suffix layout of :func:`_optimise_chunk`. Rows filled from the same context template begin
+    with the same tokens (the template's text): those are run once per template, and each row runs only
+    its own prefix tokens on top of them. :meth:`prefix_cache` lays a bucket's prefixes out so that they
+    all end at the same column (the fact tokens, which start the suffixes, line up), each row's template
+    part right before the column where its own tokens start; columns a row does not use are masked
+    (their keys/values zeroed), and positions stay true."""
+
+    def __init__(self, model, rows: TokenRows, chunk_rows: list[int], batch, row_split: torch.Tensor, last_name: str):
+        from transformers import DynamicCache
+
+        self.model, self.batch, self.row_split, self.last_name = model, batch, row_split, last_name
+        device = model.device
+        groups: dict[tuple, list[int]] = {}
+        for b, r in enumerate(chunk_rows):
+            if rows.template[r] >= 0:
+                groups.setdefault((rows.kind[r], rows.template[r]), []).append(b)
+        self.group = torch.full((len(chunk_rows),), -1, dtype=torch.long)
+        self.common = torch.zeros(len(chunk_rows), dtype=torch.long)
+        heads, lengths = [], []
+        ids = batch.input_ids.cpu()
+        split = row_split.cpu()
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            first = ids[members[0]]
+            c = int(split[members].min())
+            for b in members[1:]:
+                same = (ids[b, :c] == first[:c]).long()
+                c = int(same.cumprod(0).sum())
+            if c == 0:
+                continue
+            self.group[members] = len(heads)
+            self.common[members] = c
+            heads.append(first[:c])
+            lengths.append(c)
+        self.group, self.common = self.group.to(device), self.common.to(device)
+        self.keys = None
+        if heads:
+            width = max(lengths)
+            head_ids = torch.full((len(heads), width), int(model.tokenizer.pad_token_id), dtype=torch.long)
+            head_mask = torch.zeros(len(heads), width, dtype=torch.long)
+            for g, h in enumerate(heads):
+                head_ids[g, : len(h)] = h
+                head_mask[g, : len(h)] = 1
+            cache = DynamicCache()
+            with torch.no_grad(), TraceDict(model.model, [last_name], stop_after=last_name):
+                model.model(input_ids=head_ids.to(device), attention_mask=head_mask.to(device), past_key_values=cache,
+                            use_cache=True)
+            self.keys = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def prefix_cache(self, bucket_rows: torch.Tensor, split: torch.Tensor):
+        """``(cache, mask)`` for a bucket's prefixes: a DynamicCache of ``[rows, heads, P, d]`` per layer and
+        the ``[rows, P]`` mask of the columns in use; ``(None, None)`` when no row has a prefix."""
+        from transformers import DynamicCache
+
+        model, device = self.model, self.model.device
+        if int(split.max()) == 0:
+            return None, None
+        common = self.common[bucket_rows]
+        own = split - common
+        width_own, width_head = int(own.max()), int(common.max())
+        total = width_head + width_own
+        columns = torch.arange(total, device=device).unsqueeze(0)
+        # template part at [width_head - common, width_head); own tokens at [width_head, width_head + own)
+        head_mask = (columns >= width_head - common.unsqueeze(1)) & (columns < width_head)
+        own_mask = (columns >= width_head) & (columns < width_head + own.unsqueeze(1))
+        mask = (head_mask | own_mask).long()
+        past = None
+        if width_head > 0:
+            group = self.group[bucket_rows].clamp_min(0)
+            past = DynamicCache(ddp_cache_data=[
+                (_left_aligned(k.index_select(0, group), common, width_head, 2),
+                 _left_aligned(v.index_select(0, group), common, width_head, 2)) for k, v in self.keys])
+        if width_own > 0:
+            idx = (common.unsqueeze(1) + torch.arange(width_own, device=device).unsqueeze(0)).clamp_max(
+                self.batch.input_ids.shape[1] - 1)
+            own_ids = torch.gather(self.batch.input_ids[bucket_rows], 1, idx)
+            own_ids = torch.where(own_mask[:, width_head:].bool(), own_ids, int(model.tokenizer.pad_token_id))
+            cache = past if past is not None else DynamicCache()
+            with torch.no_grad(), TraceDict(model.model, [self.last_name], stop_after=self.last_name):
+                model.model(input_ids=own_ids, attention_mask=mask, position_ids=idx, past_key_values=cache,
+                            use_cache=True)
+        else:
+            cache = past
+        # Unused columns may hold padding's keys/values (even NaN where a padded row attended to nothing): zero.
+        unused = (mask == 0)[:, None, :, None]
+        for layer in cache.layers:
+            layer.keys = layer.keys.masked_fill(unused, 0)
+            layer.values = layer.values.masked_fill(unused, 0)
+        return cache, mask
+
+
 def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths, settings: ValueSettings,
-                    injection: Injection, bar) -> ValueResult:
+                    injection: Injection, bar, meter: _MemoryMeter | None = None) -> ValueResult:
     from transformers import DynamicCache
 
     adapter = model.adapter
@@ -299,44 +650,60 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
     names = [site] + ([adapter.layer_name(replay_layer)] if replay_layer >= 0 else [])
     init = torch.zeros(n, adapter.hidden_size, dtype=acc, device=device)
     cached, buckets = None, []
+    shared = _SharedPrefixes(model, rows, chunk_rows, batch, row_split, last_name) if reuse_prefix else None
     for bucket_rows in plan:
         split = row_split[bucket_rows]
-        prefix, width = int(split.max()), int((lengths[bucket_rows] - split).max())
-        end_col = int(lengths[bucket_rows].max())
-        cache = DynamicCache() if prefix > 0 else None
-        with torch.no_grad(), TraceDict(model.model, names, retain_output=True, stop_after=last_name) as td:
-            model.model(input_ids=batch.input_ids[bucket_rows, :end_col],
-                        attention_mask=batch.attention_mask[bucket_rows, :end_col],
-                        past_key_values=cache, use_cache=cache is not None)
+        width = int((lengths[bucket_rows] - split).max())
         local = torch.full((len(chunk_rows),), -1, dtype=torch.long, device=device)
         local[bucket_rows] = torch.arange(bucket_rows.numel(), device=device)
         mine = torch.nonzero(local[first_row] >= 0).reshape(-1)  # requests whose bare prompt is here
-        site_out = primary(td[site].output)
-        init[mine] = site_out[local[first_row[mine]], batch.lookup[first_row[mine]]].to(acc)
-        replay_hidden = None
-        if replay_layer >= 0:
-            block_out = primary(td[names[-1]].output)
-            if cached is None:
-                cached = BlockOutput(block_out[:0], td[names[-1]].output)
-            replay_hidden = _from_split(block_out, split, width)
-        snapshot = None
-        if cache is not None:
-            snapshot = []
-            for i, layer in enumerate(cache.layers):
-                if i <= replay_layer:  # never attended to again: a stand-in that only carries the length
-                    k = torch.zeros(bucket_rows.numel(), 1, prefix, 1, dtype=layer.keys.dtype, device=device)
-                    snapshot.append((k, k))
-                else:
-                    snapshot.append((_left_aligned(layer.keys, split, prefix, 2),
-                                     _left_aligned(layer.values, split, prefix, 2)))
-        columns = torch.arange(prefix + width, device=device).unsqueeze(0)
-        suffix_len = (lengths[bucket_rows] - split).unsqueeze(1)
-        mask = ((columns >= prefix - split.unsqueeze(1)) & (columns < prefix + suffix_len)).to(batch.attention_mask.dtype)
-        valid = torch.arange(width, device=device).unsqueeze(0) < suffix_len
+        valid = torch.arange(width, device=device).unsqueeze(0) < (lengths[bucket_rows] - split).unsqueeze(1)
         ids = torch.where(valid, _from_split(batch.input_ids[bucket_rows], split, width), model.tokenizer.pad_token_id)
         positions = split.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
-        buckets.append((bucket_rows, split, snapshot, replay_hidden, ids, mask, positions))
-        del cache, td
+        snapshot = None
+        if shared is not None:
+            # The prefixes (each row's tokens before its fact token) through every layer, their template part
+            # computed once per template; then the suffixes up to the injection site only.
+            cache, prefix_mask = shared.prefix_cache(bucket_rows, split)
+            if cache is not None:
+                snapshot = [(torch.zeros(bucket_rows.numel(), 1, prefix_mask.shape[1], 1, dtype=layer.keys.dtype,
+                                         device=device),) * 2 if i <= replay_layer else (layer.keys, layer.values)
+                            for i, layer in enumerate(cache.layers)]   # (below the replay: a length stand-in)
+                mask = torch.cat([prefix_mask, valid.to(prefix_mask.dtype)], dim=1)
+            else:
+                mask = valid.long()
+            deepest = names[0] if injection.site == "mlp" else names[-1]
+            with torch.no_grad(), TraceDict(model.model, names, retain_output=True, stop_after=deepest) as td:
+                model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=cache is not None)
+            del cache
+            init[mine] = primary(td[site].output)[local[first_row[mine]], 0].to(acc)   # the fact token: column 0
+            replay_hidden = None
+            if replay_layer >= 0:
+                block_out = primary(td[names[-1]].output)
+                if cached is None:
+                    cached = BlockOutput(block_out[:0], td[names[-1]].output)
+                replay_hidden = block_out
+        else:
+            end_col = int(lengths[bucket_rows].max())
+            with torch.no_grad(), TraceDict(model.model, names, retain_output=True, stop_after=last_name) as td:
+                model.model(input_ids=batch.input_ids[bucket_rows, :end_col],
+                            attention_mask=batch.attention_mask[bucket_rows, :end_col], use_cache=False)
+            site_out = primary(td[site].output)
+            init[mine] = site_out[local[first_row[mine]], batch.lookup[first_row[mine]]].to(acc)
+            replay_hidden = None
+            if replay_layer >= 0:
+                block_out = primary(td[names[-1]].output)
+                if cached is None:
+                    cached = BlockOutput(block_out[:0], td[names[-1]].output)
+                replay_hidden = _from_split(block_out, split, width)
+            mask = valid.long()
+        buckets.append((bucket_rows, split, snapshot, replay_hidden, ids, mask.to(batch.attention_mask.dtype),
+                        positions))
+        del td
+        if meter is not None:
+            meter.hold(buckets[-1])
+    del shared
     init_norm_sq = init.norm(dim=1) ** 2
 
     d = adapter.hidden_size
@@ -357,7 +724,8 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
         nll = torch.zeros(n, dtype=acc, device=device)
         kl_logp = torch.zeros(n, 1, dtype=acc, device=device)
         misses = torch.zeros(n, dtype=acc, device=device)
-        with torch.enable_grad():
+        metering = meter.saving() if meter is not None and it == 0 else contextlib.nullcontext()
+        with torch.enable_grad(), metering:
             for bucket_rows, split, snapshot, replay_hidden, ids, mask, positions in buckets:
                 keep = row_active[bucket_rows]
                 if not bool(keep.any()):

@@ -74,7 +74,7 @@ class RomeEditor(Editor):
             factors.prepare()
             if not hp.reference and not factors.identity:
                 factors.factor_all()
-        settings = value_settings(hp)
+        settings = value_settings(hp, max_memory=context.max_memory)
         optimise = optimise_values_reference if hp.reference else optimise_values_batched
         method = "reference" if hp.reference else "auto"
         weights = flat_mean_weights(len(templates))

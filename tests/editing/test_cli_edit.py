@@ -88,8 +88,9 @@ def test_parse_layers():
 def test_work_dir_keeps_the_values_and_a_rerun_gives_the_same_file(workdir, capsys):
     work, first, second = workdir / "work", workdir / "w1.safetensors", workdir / "w2.safetensors"
     assert main(args(workdir, "--work-dir", str(work), "--save-deltas", str(first))) == 0
-    assert len(list(work.glob("values-*.pt"))) == 1          # 2 requests: one batch of values
+    # 2 requests: the first alone (what it holds sizes the batches), then the other
+    assert len(list(work.glob("values-*.pt"))) == 2 and len(list(work.glob("plan-*.json"))) == 1
     capsys.readouterr()
     assert main(args(workdir, "--work-dir", str(work), "--save-deltas", str(second))) == 0
-    assert "resumed: 1 batch(es) of values loaded" in capsys.readouterr().err
+    assert "resumed: 2 batch(es) of values loaded" in capsys.readouterr().err
     assert first.read_bytes() == second.read_bytes()

@@ -71,12 +71,20 @@ def test_reference_mode_reproduces_fast_mode():
     model = tiny_model("gpt2", num_layers=4, hidden_size=64, dtype=torch.float64)
     cov = covariance_from_text(model, [1, 2])
     requests = requests_for_tests()
-    fast = run(model, cov, "memit", requests, layers=[1, 2])
+    fast = run(model, cov, "memit", requests, layers=[1, 2], early_stop_most_probable=False)
     ref = run(model, cov, "memit", requests, layers=[1, 2], mode="reference")
     assert ref.deltas.extra["mode"] == "reference"
+    assert fast.info["value_steps"] == ref.info["value_steps"]
     for name, tensor in fast.deltas.tensors.items():
         other = ref.deltas.tensors[name]
         assert float((tensor - other).norm() / other.norm()) < 1e-6, name
+    # The fast mode's default is the published stopping rule; most-probable early stopping is opt-in.
+    default = run(model, cov, "memit", requests, layers=[1, 2])
+    assert default.info["value_batches"]["early_stop_most_probable"] is False
+    assert default.info["value_steps"] == ref.info["value_steps"]
+    early = run(model, cov, "memit", requests, layers=[1, 2], early_stop_most_probable=True)
+    assert early.info["value_batches"]["early_stop_most_probable"] is True
+    assert all(a <= b for a, b in zip(early.info["value_steps"], ref.info["value_steps"]))
 
 
 def test_mom2_adjustment_off_needs_no_statistics(gpt2):

@@ -55,6 +55,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--work-dir", metavar="DIR",
                         help="keep each finished batch of value optimisation here, so an interrupted run of the "
                              "same edit resumes (MEMIT/EMMET fast mode)")
+    parser.add_argument("--max-memory", metavar="SIZE",
+                        help="memory the batched value optimisation may use, e.g. 8GB or 512MiB (default: 80%% of "
+                             "what the device has free); a request that cannot fit alone is an error")
     parser.add_argument("--save-deltas", metavar="OUT.safetensors", help="write the deltas here")
     parser.add_argument("--save-model", metavar="DIR", help="write the edited model (transformers checkpoint) here")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -114,6 +117,7 @@ def summarize(result, model, requests, seconds_total: float) -> dict:
         "seed": deltas.extra.get("seed"),
         "context_templates": deltas.extra.get("context_templates"),
         "warnings": result.info.get("warnings", []),
+        "value_batches": result.info.get("value_batches"),
     }
 
 
@@ -140,28 +144,50 @@ def write_sidecar(path: Path, payload: dict) -> Path:
 
 
 def run(args) -> int:
+    """Under ``torchrun`` every process computes the edit, each optimising a share of the requests' values
+    (MEMIT/EMMET fast mode); rank 0 prints and writes the outputs."""
+    from ...stats.collect import init_distributed
+
+    distributed = init_distributed(args.device)
+    try:
+        return _run(args, distributed)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args, distributed: bool) -> int:
     import torch
 
     from ... import compute_edit, load_model, load_requests
-    from ...editing import load_context_templates
+    from ...editing import load_context_templates, parse_memory
     from ...editors import EditContext, get_editor
     from ...stats import source_from_args
+    from ...stats.collect import distributed_device, distributed_info
 
     requests = load_requests(args.requests, args.format, limit=args.limit)
     editor_cls = get_editor(args.method)  # fail on a misspelled editor before loading the model
     overrides = hparam_overrides(editor_cls, args)
     templates = load_context_templates(args.context_templates) if args.context_templates else None
+    max_memory = parse_memory(args.max_memory) if args.max_memory else None
     stats = source_from_args(args)
     torch.manual_seed(args.seed)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    rank, _ = distributed_info()
+    device = distributed_device(args.device) if distributed else args.device
+    model = load_model(args.model, dtype=args.dtype, device=device)
 
     def log(message: str) -> None:
         print(f"kedit: {message}", file=sys.stderr)
 
-    context = EditContext(seed=args.seed, progress=not args.no_progress, stats=stats, context_templates=templates,
-                          log=log, work_dir=args.work_dir)
+    context = EditContext(seed=args.seed, progress=not args.no_progress and rank == 0, stats=stats,
+                          context_templates=templates, log=log if rank == 0 else None, work_dir=args.work_dir,
+                          max_memory=max_memory)
     start = time.perf_counter()
     result = compute_edit(model, requests, editor_cls, args.hparams, context=context, **overrides)
+    if rank != 0:   # every rank holds the same deltas; one writes them
+        return 0
     summary = summarize(result, model, requests, time.perf_counter() - start)
     settings = {"editor": result.deltas.editor, "hparams": result.deltas.hparams, "seed": args.seed,
                 "model": str(args.model), "requests": str(args.requests), "num_requests": len(requests),
