@@ -117,8 +117,8 @@ FULL = dict(zhu_sizes="32,128,512", zhu_layers="spread:4", zhu_layer=0, zhu_delt
             fl_passes=10, fl_batch=8, fl_stage0_epochs=3, fl_stage0_lr=1e-4, c0_tokens=100_000)
 QUICK = dict(FULL, zhu_sizes="32", zhu_layers="0,last", zhu_deltas="1e-3", zhu_unmodified=100, zhu_mix_pool=32,
              zhu_known=300, zhu_neighbours=1, zhu_passes=5, zhu_ft_layers_at="32", cf_sizes="4,8", zsre_sizes="4,8",
-             rome_max_edits=4, ge_records=2, ge_prompts=1, fl_records=4, fl_neighbours=2, fl_passes=5,
-             fl_batch=4)
+             rome_max_edits=4, ge_records=1, ge_prompts=1, fl_records=4, fl_neighbours=2, fl_passes=5,
+             fl_batch=4, c0_tokens=20_000)
 
 
 def _ints(text: str, what: str) -> list[int]:
