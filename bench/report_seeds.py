@@ -1205,10 +1205,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print("zhu        zhu-ft / zhu-ft-l / zhu-ft-mix (ft / ft-l / ft-mix)")
         return {}
     user_sets = user_assignments(args.sets)
+    run_editors = {spec.run_id: spec.editor for spec in [*memit_specs(model, args.editors, 1, args.rome_max_edits),
+                                                          *flearning_specs(args, args.editors)]}
+    run_editors.update({"zhu-ft": "ft", "zhu-ft-l": "ft-l", "zhu-ft-mix": "ft-mix", "fl-stage0": "ft"})
     for scope, items in user_sets.items():  # check every flag now, not an hour in
-        names = list_editors()
-        if scope in names:
-            parse_assignments(get_editor(scope).HParams, items)
+        editor = scope if scope in list_editors() else run_editors.get(scope)
+        if editor is None:
+            raise SystemExit(f"--set {scope}.{items[0]}: {scope!r} is neither an installed editor nor a run id "
+                             "(--list-runs shows them)")
+        parse_assignments(get_editor(editor).HParams, items)
     stats = CachedCovariance(args.corpus, None, tokens=args.c0_tokens, progress=True)
     runner = Runner(model, out, seed=args.seed, stats=stats, user_sets=user_sets, started=started,
                     work_dir=out / "runs" / "values")
