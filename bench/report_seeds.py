@@ -65,31 +65,27 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import kedit_core as kedit
+from kedit_core import EditContext
+from kedit_core.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from kedit_core.deltas import Deltas
+from kedit_core.editors import get_editor, list_editors, resolve_hparams
+from kedit_core.errors import KeditError
+from kedit_core.evaluation import (EvalSettings, Fact, FactProbe, GenerationSettings, accuracy, aggregate,
+                                   counterfact_generation, evaluate_cases, load_cases, locality, predict_facts)
+from kedit_core.evaluation.aggregate import mean
+from kedit_core.evaluation.datasets import CounterFactCase, ZsreCase
+from kedit_core.hparams import parse_assignments
+from kedit_core.requests import read_records, requests_sha256
+from kedit_core.stats import CachedCovariance
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import kedit_core as kedit  # noqa: E402
-from kedit_core import EditContext  # noqa: E402
-from kedit_core.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: E402
-from kedit_core.deltas import Deltas  # noqa: E402
-from kedit_core.editors import get_editor, list_editors, resolve_hparams  # noqa: E402
-from kedit_core.errors import KeditError  # noqa: E402
-from kedit_core.evaluation import (EvalSettings, Fact, FactProbe, GenerationSettings, accuracy, aggregate,  # noqa: E402
-                                   counterfact_generation, evaluate_cases, load_cases, locality, predict_facts)
-from kedit_core.evaluation.aggregate import mean  # noqa: E402
-from kedit_core.evaluation.datasets import CounterFactCase, ZsreCase  # noqa: E402
-from kedit_core.hparams import parse_assignments  # noqa: E402
-from kedit_core.requests import read_records, requests_sha256  # noqa: E402
-from kedit_core.stats import CachedCovariance  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 DATA = SHARED_DATA if SHARED_DATA.is_dir() else REPO / "tests" / "fixtures" / "data"  # byte-identical copies
