@@ -2,10 +2,13 @@
 through here, so a reader, or a process killed mid-write, never sees a partial file.
 
 A file is written to a temporary name in its own directory, flushed to disk, then renamed over the
-target (``os.replace`` is atomic on POSIX and Windows)."""
+target (``os.replace`` is atomic on POSIX and Windows). A write that fails (a full disk included: it is
+raised as ``OSError(ENOSPC)`` whatever the writer called it) removes the temporary file and leaves the
+target as it was."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -31,10 +34,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with open(tmp, "rb") as written:  # on disk before the rename, so a crash cannot leave a torn file
             os.fsync(written.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        # Writers report a full disk in their own ways (safetensors: SafetensorError "os error 28", torch.save:
+        # RuntimeError "file write failed"); say it as the OSError it is, checked before the space is freed.
+        full = isinstance(exc, Exception) and not isinstance(exc, OSError) and _disk_full(path.parent)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
         raise
+
+
+def _disk_full(directory: Path) -> bool:
+    try:
+        stats = os.statvfs(directory)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return False
+    return stats.f_bavail * stats.f_frsize < (1 << 16)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

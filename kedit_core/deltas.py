@@ -9,7 +9,6 @@ hash of the requests and the base model's fingerprint; applying them to another 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,39 +18,15 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .errors import FingerprintMismatchError, KeditError
+from .errors import FingerprintMismatchError, KeditError, NumericalError
 from .fingerprint import model_fingerprint
+from .tensorfile import (FLOAT_DTYPES, METADATA_KEY, atomic_save_safetensors, open_tensor_file,
+                         read_safetensors_metadata, safetensors_metadata, tensor_sha256)
 
 FORMAT = "kedit-deltas/1"
-METADATA_KEY = "kedit"
-
-
-def safetensors_metadata(meta: dict) -> dict[str, str]:
-    """kedit's metadata as one sorted JSON string under one key: safetensors writes its metadata map
-    in hash order, so several keys would make identical saves differ byte-wise."""
-    return {METADATA_KEY: json.dumps(meta, sort_keys=True, default=str)}
-
-
-def read_safetensors_metadata(raw: dict | None) -> dict:
-    raw = raw or {}
-    try:
-        return json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {}
-    except json.JSONDecodeError:
-        return {}
-
-
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, meta: dict) -> Path:
-    """Write ``tensors`` (moved to the CPU, in sorted name order) and kedit's metadata to ``path``
-    atomically: a temporary file in the same directory, then a rename, so a reader (or a process
-    killed mid-write) never sees a partial file."""
-    from safetensors.torch import save_file
-
-    from .atomic import atomic_path
-
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in sorted(tensors.items())}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=safetensors_metadata(meta))
-    return Path(path)
+# The helpers delta files share with the other tensor files (kept importable from here).
+__all__ = ["Deltas", "AppliedDeltas", "apply_deltas", "add_deltas_", "temporarily_applied", "preserved_weights",
+           "FORMAT", "METADATA_KEY", "safetensors_metadata", "read_safetensors_metadata", "atomic_save_safetensors"]
 
 
 @dataclass
@@ -87,32 +62,63 @@ class Deltas:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a safetensors file atomically (temporary file + rename)."""
-        return atomic_save_safetensors(self.tensors, path, self.metadata())
+        """Write a safetensors file atomically (temporary file + rename), with the sha256 of every
+        tensor's bytes in the metadata so that :meth:`load` notices a changed or damaged tensor."""
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.tensors.items()}
+        meta = {**self.metadata(), "tensors_sha256": {name: tensor_sha256(t) for name, t in sorted(tensors.items())}}
+        return atomic_save_safetensors(tensors, path, meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Deltas":
-        from safetensors import SafetensorError, safe_open
-
-        path = Path(path)
-        if not path.exists():
-            raise KeditError(f"delta file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = read_safetensors_metadata(f.metadata())
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise KeditError(f"{path} is not a readable safetensors file: {exc}") from None
-        if meta.get("format") != FORMAT:
-            raise KeditError(f"{path} is not a kedit delta file (metadata format={meta.get('format')!r}, "
-                             f"expected {FORMAT!r})")
-        return cls(tensors=tensors, editor=meta.get("editor", "unknown"), hparams=meta.get("hparams") or {},
-                   requests_sha256=meta.get("requests_sha256"), base_fingerprint=meta.get("base_fingerprint"),
-                   extra=meta.get("extra") or {})
+    def load(cls, path: str | os.PathLike, *, model: nn.Module | None = None) -> "Deltas":
+        """Read a delta file, verified: kedit's format, plain parameter names, floating-point tensors
+        whose bytes match the sha256 recorded when the file was written, finite values, metadata of
+        the right types. With ``model``, every name and shape is checked against its parameters before
+        any tensor is read. Raises :class:`~kedit_core.errors.TensorFileError` (or :class:`KeditError`
+        for deltas made for another architecture) naming the file."""
+        with open_tensor_file(path, what="delta file") as f:
+            meta = f.meta
+            if meta.get("format") != FORMAT:
+                raise f.fail(f"not a kedit delta file (metadata format={meta.get('format')!r}, expected {FORMAT!r})")
+            fields = {"editor": (str,), "hparams": (dict,), "requests_sha256": (str, type(None)),
+                      "base_fingerprint": (str, type(None)), "extra": (dict,), "tensors_sha256": (dict,)}
+            for key, types in fields.items():
+                if key not in meta or not isinstance(meta[key], types):
+                    got = f"is {meta[key]!r}" if key in meta else "is missing"
+                    raise f.fail(f"metadata field {key!r} {got}; expected "
+                                 f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}")
+            hashes = meta["tensors_sha256"]
+            if sorted(hashes) != f.names:
+                raise f.fail(f"the recorded tensor hashes name {sorted(hashes)[:5]}, the file holds {f.names[:5]}")
+            for name in f.names:
+                if f.dtypes[name] not in FLOAT_DTYPES:
+                    raise f.fail(f"tensor {name!r} has dtype {f.dtypes[name]}; deltas are floating point")
+            if model is not None:
+                _check_against(model, f.shapes, str(f.path))
+            tensors = {}
+            for name in f.names:
+                tensor = f.get(name)
+                if tensor_sha256(tensor) != hashes[name]:
+                    raise f.fail(f"tensor {name!r}: its bytes do not match the sha256 recorded when the file was "
+                                 "written (the file was changed or damaged)")
+                if not torch.isfinite(tensor).all():
+                    raise f.fail(f"tensor {name!r} holds NaN or infinite values")
+                tensors[name] = tensor
+        return cls(tensors=tensors, editor=meta["editor"], hparams=meta["hparams"],
+                   requests_sha256=meta["requests_sha256"], base_fingerprint=meta["base_fingerprint"],
+                   extra=meta["extra"])
 
     # -- applying ------------------------------------------------------------------------------
     def apply(self, model: nn.Module, *, check_fingerprint: bool = True) -> "AppliedDeltas":
         return apply_deltas(model, self, check_fingerprint=check_fingerprint)
+
+
+def _check_against(model: nn.Module, shapes: Mapping[str, tuple], source: str) -> None:
+    """Every name is a parameter of ``model`` with that shape (before any tensor is read)."""
+    params = _parameters(model, list(shapes))
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(params[name].shape):
+            raise KeditError(f"{source}: the delta for {name} has shape {list(shape)}; the model's parameter has "
+                             f"{list(params[name].shape)}")
 
 
 def _parameters(model: nn.Module, names) -> dict[str, nn.Parameter]:
@@ -166,7 +172,13 @@ def add_deltas_(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[s
         for name, delta in tensors.items():
             param = params[name]
             # Add in the promoted dtype, round once into the parameter's dtype.
-            param.copy_(param.to(torch.promote_types(param.dtype, delta.dtype)) + delta.to(param.device))
+            updated = (param.to(torch.promote_types(param.dtype, delta.dtype)) + delta.to(param.device)).to(param.dtype)
+            # A sum that overflows the parameter's dtype (bf16/fp16) would ship inf weights: refuse it.
+            if not torch.isfinite(updated).all() and torch.isfinite(originals[name]).all():
+                raise NumericalError(f"adding the delta to {name} gives NaN or infinite values in "
+                                     f"{str(param.dtype).replace('torch.', '')} (largest absolute delta "
+                                     f"{float(delta.abs().max()):.3g}); the model is left unchanged")
+            param.copy_(updated)
     except BaseException:
         for name, original in originals.items():
             params[name].copy_(original)

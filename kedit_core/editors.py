@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
+import torch
+
 from .deltas import Deltas
-from .errors import KeditError
+from .errors import KeditError, KeditRuntimeError, NumericalError, RecordError
 from .hparams import HyperParams
 from .models import LoadedModel
 from .requests import EditRequest, requests_sha256
 
-__all__ = ["Editor", "EditContext", "EditResult", "PhaseTimer", "compute_edit", "get_editor", "list_editors",
-           "resolve_hparams"]
+__all__ = ["Editor", "EditContext", "EditResult", "PhaseTimer", "check_requests_fit", "compute_edit", "get_editor",
+           "list_editors", "resolve_hparams"]
 
 
 @dataclass
@@ -113,9 +115,13 @@ def list_editors() -> dict[str, type[Editor]]:
 
 
 def get_editor(name: str) -> type[Editor]:
+    from .plugins import failed_plugins
+
     editors = list_editors()
     if name not in editors:
-        raise KeditError(f"no editor named {name!r}; installed editors: {', '.join(editors) or 'none'} "
+        failed = failed_plugins()
+        broken = f"; plugin(s) that failed to load: {', '.join(sorted(failed))}" if failed else ""
+        raise KeditError(f"no editor named {name!r}; installed editors: {', '.join(editors) or 'none'}{broken} "
                          "(`kedit plugins` lists what each plugin registers)")
     return editors[name]
 
@@ -137,6 +143,33 @@ def resolve_hparams(editor_cls: type[Editor], model: LoadedModel,
     return hp
 
 
+def check_requests_fit(model: LoadedModel, requests: Sequence[EditRequest]) -> None:
+    """Every request can be edited in this model: subject and target tokenise to at least one token
+    the tokenizer knows (not only its unknown token), and prompt plus target fit the context length.
+    Raises :class:`~kedit_core.errors.RecordError` naming the request and the field."""
+    tokenizer = model.tokenizer
+    unk = getattr(tokenizer, "unk_token_id", None)
+    limit = model.adapter.context_length
+
+    def ids(texts, special=False):
+        return tokenizer(list(texts), add_special_tokens=special)["input_ids"]
+
+    subjects = ids(r.subject for r in requests)
+    targets = ids(r.target_new for r in requests)
+    prompts = ids((r.filled_prompt for r in requests), special=True)
+    for i, req in enumerate(requests):
+        for field_name, tokens, text in (("subject", subjects[i], req.subject), ("target_new", targets[i],
+                                                                                 req.target_new)):
+            if not tokens:
+                raise RecordError(f"{text!r} (case {req.case_id}) tokenises to no tokens", index=i, field=field_name)
+            if unk is not None and all(t == unk for t in tokens):
+                raise RecordError(f"the tokenizer knows none of {text!r} (case {req.case_id}): every token is its "
+                                  f"unknown token {tokenizer.unk_token!r}", index=i, field=field_name)
+        if len(prompts[i]) + len(targets[i]) > limit:
+            raise RecordError(f"case {req.case_id}: the prompt and target are {len(prompts[i]) + len(targets[i])} "
+                              f"tokens; the model reads at most {limit}", index=i, field="prompt")
+
+
 def compute_edit(model: LoadedModel, requests: Sequence[EditRequest], method: str | type[Editor],
                  hparams: HyperParams | dict | str | Path | None = None, *, context: EditContext | None = None,
                  **overrides) -> EditResult:
@@ -151,6 +184,7 @@ def compute_edit(model: LoadedModel, requests: Sequence[EditRequest], method: st
         if not isinstance(r, EditRequest):
             raise KeditError(f"request {i} is a {type(r).__name__}; expected kedit_core.EditRequest")
     hp = resolve_hparams(editor_cls, model, hparams, **overrides)
+    check_requests_fit(model, requests)
     context = context or EditContext()
     before = model.fingerprint()
     if context.base_fingerprint is None:
@@ -160,9 +194,13 @@ def compute_edit(model: LoadedModel, requests: Sequence[EditRequest], method: st
     total = time.perf_counter() - start
     after = model.fingerprint()
     if after != before:
-        raise KeditError(f"editor '{editor_cls.name}' left the model's weights changed after computing an edit "
+        raise KeditRuntimeError(f"editor '{editor_cls.name}' left the model's weights changed after computing an edit "
                          "(a bug in the editor: editors must return deltas and restore what they touch)")
     d = result.deltas
+    for name, tensor in sorted(d.tensors.items()):
+        if not torch.isfinite(tensor).all():  # e.g. a value optimisation that diverged
+            raise NumericalError(f"editor '{editor_cls.name}' computed NaN or infinite values for {name}; nothing was "
+                                 "applied (a smaller step size or other statistics may help: --set v_lr=...)")
     d.editor = editor_cls.name
     d.hparams = hp.to_dict()
     d.requests_sha256 = requests_sha256(requests)

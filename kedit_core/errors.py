@@ -1,10 +1,21 @@
-"""kedit's error types. The CLI prints a :class:`KeditError` as one clear message, without a traceback
-(set ``KEDIT_TRACEBACK=1`` to see one)."""
+"""kedit's error types. The CLI prints a :class:`KeditError` as one clear line, without a traceback
+(``kedit --debug`` or ``KEDIT_TRACEBACK=1`` shows one), and exits with the error's :attr:`exit_code`:
+2 for bad input or usage (a file, record, field, flag or setting the user can fix), 1 for a fault while
+running (a numerical failure, a full disk)."""
 from __future__ import annotations
+
+__all__ = ["KeditError", "RecordError", "PluginError", "AdapterNotFoundError", "HyperParamsError",
+           "FingerprintMismatchError", "EditConflictError", "TensorFileError", "KeditRuntimeError",
+           "NumericalError", "EXIT_INPUT", "EXIT_RUNTIME"]
+
+EXIT_INPUT = 2     # usage and input errors (argparse uses 2 as well)
+EXIT_RUNTIME = 1   # faults while running
 
 
 class KeditError(Exception):
     """Base class for errors that are the user's input or environment, not a bug in kedit."""
+
+    exit_code = EXIT_INPUT
 
 
 class RecordError(KeditError, ValueError):
@@ -41,3 +52,19 @@ class FingerprintMismatchError(KeditError):
 
 class EditConflictError(KeditError, ValueError):
     """Requests in one batch contradict each other."""
+
+
+class TensorFileError(KeditError):
+    """A tensor file (deltas, statistics, a checkpoint) that cannot be trusted: unreadable, truncated,
+    not written by kedit, with metadata or tensor names that do not validate, shapes out of bounds, or
+    bytes that do not match the hash recorded when it was written."""
+
+
+class KeditRuntimeError(KeditError):
+    """A fault while running that is not a mistake in the input: the CLI exits with status 1."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class NumericalError(KeditRuntimeError):
+    """A computation produced NaN or infinite values, or a matrix that must be positive definite is not."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -81,7 +82,14 @@ def _coerce(value: Any, tp, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise HyperParamsError(f"{where}: expected a number; got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float range
+            raise HyperParamsError(f"{where}: expected a finite number; got an integer of {len(str(value))} "
+                                   "digits") from None
+        if not math.isfinite(value):  # JSON's NaN/Infinity: no setting means "not a number"
+            raise HyperParamsError(f"{where}: expected a finite number; got {value!r}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise HyperParamsError(f"{where}: expected a string; got {value!r}")
@@ -135,14 +143,11 @@ class HyperParams:
 
     @classmethod
     def from_json(cls, path: str | Path):
+        from .requests import read_json_file
+
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise HyperParamsError(f"hyper-parameter file not found: {path}") from None
-        except json.JSONDecodeError as exc:
-            raise HyperParamsError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_file(path, what="hyper-parameter file", error=HyperParamsError),
+                             source=str(path))
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -155,10 +160,9 @@ class HyperParams:
         return dataclasses.replace(self, **changes)
 
     def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return path
+        from .atomic import write_json_atomic
+
+        return write_json_atomic(path, self.to_dict(), sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,13 +211,16 @@ def parse_assignments(cls: type[HyperParams], assignments) -> dict:
                                    f"valid keys are {sorted(known)}")
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             value = raw
         where = f"{cls.__name__}.{key} (flag {item!r})"
         try:
             out[key] = _coerce(value, hints[key], where)
-        except HyperParamsError:
+        except HyperParamsError as first:
             if value == raw:
                 raise
-            out[key] = _coerce(raw, hints[key], where)  # e.g. a string field given a number-like word
+            try:
+                out[key] = _coerce(raw, hints[key], where)  # e.g. a string field given a number-like word
+            except HyperParamsError:
+                raise first from None
     return out

@@ -100,7 +100,12 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     name, provenance = resolve_model(name)
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
-    is_dir = Path(name).is_dir()
+    path = Path(name)
+    is_dir = path.is_dir()
+    if not is_dir and (path.exists() or path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
+        # Clearly meant as a local path (a hub name is "org/name"): say so rather than try the hub.
+        what = "is a file, not a model directory (save_pretrained)" if path.exists() else "does not exist"
+        raise KeditError(f"could not load model {name!r}: the path {what}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -108,6 +113,11 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
         hint = ("" if is_dir else " It is not a local directory, so it would have to come from the Hugging Face "
                 "hub, which is unreachable or not cached here.")
         raise KeditError(f"could not load model {name!r}: {str(exc).splitlines()[0]}.{hint}") from None
+    except Exception as exc:  # safetensors reports a truncated or corrupt weights file with its own error type
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise KeditError(f"could not load model {name!r}: its weights file is corrupt or truncated "
+                         f"({str(exc).splitlines()[0]})") from None
     model.to(device)
     loaded = wrap_model(model, tokenizer, source=name)
     loaded.info.update({"dtype": str(loaded.dtype).replace("torch.", ""), "device": str(device), **provenance})

@@ -9,12 +9,17 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .errors import EditConflictError, RecordError
 
 __all__ = ["EditRequest", "load_requests", "requests_from_records", "requests_sha256", "detect_format",
-           "read_records", "check_conflicts"]
+           "read_records", "read_json_file", "read_text_file", "parse_json", "check_conflicts"]
+
+
+def _visible(text: str) -> bool:
+    """Whether ``text`` has a character that shows (not only spaces, zero-width or control characters)."""
+    return any(ch.isprintable() and not ch.isspace() for ch in text)
 
 
 def _with_space(target: str) -> str:
@@ -47,10 +52,10 @@ class EditRequest:
         n = self.prompt.count("{}")
         if n != 1:
             fail("prompt", f"expected exactly one '{{}}' where the subject goes; found {n} in {self.prompt!r}")
-        if not isinstance(self.subject, str) or not self.subject.strip():
-            fail("subject", f"expected a non-empty string; got {self.subject!r}")
-        if not isinstance(self.target_new, str) or not self.target_new.strip():
-            fail("target_new", f"expected a non-empty string; got {self.target_new!r}")
+        if not isinstance(self.subject, str) or not _visible(self.subject):
+            fail("subject", f"expected a non-empty string with a visible character; got {self.subject!r}")
+        if not isinstance(self.target_new, str) or not _visible(self.target_new):
+            fail("target_new", f"expected a non-empty string with a visible character; got {self.target_new!r}")
         if self.target_true is not None and (not isinstance(self.target_true, str) or not self.target_true.strip()):
             fail("target_true", f"expected a non-empty string or null; got {self.target_true!r}")
 
@@ -76,28 +81,49 @@ def requests_sha256(requests: Sequence[EditRequest]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Reading files
 
+def read_text_file(path: str | Path, *, what: str = "file", error: Callable[[str], Exception] = RecordError) -> str:
+    """The UTF-8 text of ``path`` (a byte-order mark is dropped); a missing file, a directory, bytes that
+    are not UTF-8 or a read error raise ``error(message)`` naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{what} not found: {path}")
+    if not path.is_file():
+        raise error(f"{path}: expected a {what}; found a directory or special file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def parse_json(text: str, where: str, error: Callable[[str], Exception] = RecordError) -> Any:
+    """``json.loads`` with every failure as ``error`` naming ``where`` (file, or file and line)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{where}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply to read") from None
+
+
+def read_json_file(path: str | Path, *, what: str = "JSON file", error: Callable[[str], Exception] = RecordError) -> Any:
+    """The parsed JSON of ``path``, every failure as ``error`` naming the file."""
+    return parse_json(read_text_file(path, what=what, error=error), str(path), error)
+
+
 def read_records(path: str | Path) -> list[Any]:
     """The records of a JSON list file or a JSONL file, with errors naming the file and line."""
     path = Path(path)
-    if not path.exists():
-        raise RecordError(f"file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, what="request file")
     stripped = text.lstrip()
     if path.suffix == ".jsonl" or (stripped and stripped[0] == "{" and "\n{" in stripped):
         records = []
         for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise RecordError(f"line {lineno} is not valid JSON: {exc.msg}", source=str(path)) from None
+            if line.strip():
+                records.append(parse_json(line, f"{path}, line {lineno}"))
         return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RecordError(f"not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}",
-                          source=str(path)) from None
+    data = parse_json(text, str(path))
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -111,7 +137,7 @@ def detect_format(record: Any) -> str:
             return "counterfact"
         if "src" in record and "loc" in record:
             return "zsre"
-        if "prompt" in record and "subject" in record:
+        if len({"prompt", "subject", "target_new"} & set(record)) >= 2:  # plain, perhaps with a field missing
             return "plain"
     raise RecordError("cannot tell the format of this record: expected CounterFact ('requested_rewrite'), "
                       "zsRE MEND ('src', 'subject', 'loc', ...) or plain ('prompt', 'subject', 'target_new')")
@@ -215,13 +241,17 @@ def load_requests(path: str | Path, fmt: str = "auto", *, limit: int | None = No
 
 def check_conflicts(requests: Sequence[EditRequest]) -> list[str]:
     """Raise :class:`EditConflictError` for two requests with the same subject and prompt but different
-    targets (naming both); return warnings for one subject edited through different prompts, whose
-    MEMIT keys collide."""
+    targets (naming both); return warnings for exact duplicates and for one subject edited through
+    different prompts, whose MEMIT keys collide."""
     seen: dict[tuple[str, str], int] = {}
     by_subject: dict[str, set[str]] = {}
     warnings = []
     for i, req in enumerate(requests):
         key = (req.subject, req.prompt)
+        if key in seen and requests[seen[key]].target_new == req.target_new:
+            j = seen[key]
+            warnings.append(f"requests {j} (case {requests[j].case_id}) and {i} (case {req.case_id}) are the same edit "
+                            f"({req.subject!r} -> {req.target_new!r}); it is written twice, which weights it double")
         if key in seen and requests[seen[key]].target_new != req.target_new:
             j = seen[key]
             raise EditConflictError(

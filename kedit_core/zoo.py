@@ -172,13 +172,15 @@ def verify_checkpoint(directory: str | os.PathLike, gguf_sha256: str | None = No
     directory = Path(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         return f"no readable {MANIFEST} ({type(exc).__name__})"
     if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
         return f"{MANIFEST} is not a kedit model manifest"
     if gguf_sha256 is not None and manifest.get("source", {}).get("gguf_sha256") != gguf_sha256:
         return "it was built from another GGUF file"
     for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict):
+            return f"the manifest's entry for {name!r} is not an object"
         path = directory / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             return f"the manifest names a file outside the directory ({name!r})"

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from .. import ops
-from ..errors import KeditError
+from ..errors import KeditError, NumericalError
 from ..fingerprint import parameter_digest
 
 __all__ = ["FactorCache", "factor_cache_for", "CovarianceFactors", "SOLVERS", "memit_solve", "emmet_solve",
@@ -139,6 +139,13 @@ class CovarianceFactors:
             if tuple(mom2.shape) != (d_k, d_k):
                 raise KeditError(f"covariance statistics for layer {layer} ({moment.origin}) are "
                                  f"{tuple(mom2.shape)}; this model's keys need {d_k}x{d_k}")
+            # Cheap necessary conditions for a second moment (the full check is the Cholesky factor the
+            # fast solvers compute; the published solves would run on without one).
+            diagonal = torch.diagonal(mom2)
+            if not torch.isfinite(mom2).all() or bool((diagonal < 0).any()) or not bool((diagonal > 0).any()):
+                raise NumericalError(f"covariance statistics for layer {layer} ({moment.origin}) are not a second "
+                                     "moment: NaN/inf values, a negative diagonal or all zeros (indefinite or "
+                                     "singular C0); recompute them")
             self._moments[layer] = mom2
             self._digests[layer] = moment_digest(mom2)
             self.origins[layer] = moment.origin
@@ -212,9 +219,14 @@ def _choose(method: str, n: int, d_k: int, has_factor: bool) -> str:
     return method
 
 
-def _not_pd(layer: int, what: str) -> KeditError:
-    return KeditError(f"layer {layer}: {what} is not positive definite; the covariance statistics are probably "
+def _not_pd(layer: int, what: str) -> NumericalError:
+    return NumericalError(f"layer {layer}: {what} is not positive definite; the covariance statistics are probably "
                       "estimated from too few tokens (collect more) or the update weight is too small")
+
+
+def _singular(layer: int, what: str) -> NumericalError:
+    return NumericalError(f"layer {layer}: {what} is singular (the published solve needs it invertible); the "
+                          "covariance statistics are probably degenerate (collect them from more tokens)")
 
 
 def memit_solve(factors: CovarianceFactors, layer: int, keys: torch.Tensor,
@@ -223,7 +235,10 @@ def memit_solve(factors: CovarianceFactors, layer: int, keys: torch.Tensor,
     k = keys.to(device=factors.device, dtype=torch.float64)
     chosen = _choose(method, k.shape[1], k.shape[0], method != "reference" and factors.factor(layer) is not None)
     if chosen == "reference":  # memit_main: torch.linalg.solve(λ·cov.double() + K Kᵀ, K)
-        return torch.linalg.solve(factors.matrix(layer) + k @ k.T, k)
+        try:
+            return torch.linalg.solve(factors.matrix(layer) + k @ k.T, k)
+        except RuntimeError:
+            raise _singular(layer, "λ C0 + K Kᵀ") from None
     try:
         if chosen == "woodbury":
             return ops.spd_woodbury_solve(factors.factor(layer), k, 1.0)
@@ -239,7 +254,10 @@ def emmet_solve(factors: CovarianceFactors, layer: int, keys: torch.Tensor, emme
     n = k.shape[1]
     ridge = emmet_lambda if n > 1 else 0.0
     if method == "reference":  # emmet_main: explicit inverses, pinv if D is singular
-        c_inv = torch.inverse(factors.matrix(layer))
+        try:
+            c_inv = torch.inverse(factors.matrix(layer))
+        except RuntimeError:
+            raise _singular(layer, "C0") from None
         d = k.T @ c_inv @ k
         if n > 1:
             d = d + emmet_lambda * torch.eye(n, dtype=d.dtype, device=d.device)
@@ -264,7 +282,10 @@ def rome_left_vector(factors: CovarianceFactors, layer: int, key: torch.Tensor,
         u = key.float()
         return u / u.norm()
     if method == "reference":  # compute_u.get_inv_cov: torch.inverse of the float32 moment
-        inv = torch.inverse(factors.moment(layer).float())
+        try:
+            inv = torch.inverse(factors.moment(layer).float())
+        except RuntimeError:
+            raise _singular(layer, "C0") from None
         u = inv @ key.to(inv.device).float()
         return u / u.norm()
     factor = factors.factor(layer)

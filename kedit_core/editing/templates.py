@@ -10,7 +10,6 @@ the result, and accepts an explicit list (``--context-templates FILE.json``, a J
 """
 from __future__ import annotations
 
-import json
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,14 +120,11 @@ def validate_template_groups(data: Any, *, source: str = "context templates") ->
 
 def load_context_templates(path: str | Path) -> TemplateGroups:
     """Read template groups from a JSON file."""
+    from ..requests import read_json_file
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise KeditError(f"context templates file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise KeditError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
-    return validate_template_groups(data, source=str(path))
+    return validate_template_groups(read_json_file(path, what="context templates file", error=KeditError),
+                                    source=str(path))
 
 
 def resolve_context_templates(model, recipe: TemplateRecipe, context) -> tuple[TemplateGroups, dict]:

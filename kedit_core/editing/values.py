@@ -123,7 +123,17 @@ class ValueStore:
         path = self._path(key)
         if not path.exists():
             return None
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # weights_only: loading never runs code; a damaged file is recomputed, never trusted
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(data, dict) or not all(isinstance(data.get(k), torch.Tensor)
+                                                     for k in ("target", "init", "delta")):
+                raise ValueError("not a batch of values")
+        except Exception as exc:
+            import warnings
+
+            warnings.warn(f"{path} is unreadable ({type(exc).__name__}); recomputing that batch of values",
+                          RuntimeWarning, stacklevel=2)
+            return None
         self.loaded += 1
         self.loaded_seconds += float(data.get("seconds", 0.0))
         return ValueResult(target=data["target"], init=data["init"], delta=data["delta"], steps=list(data["steps"]),

@@ -112,7 +112,9 @@ class ReferenceTexts:
         texts: dict[tuple[str, str], list[str]] = {}
         if isinstance(data, list):
             for i, item in enumerate(data):
-                if not isinstance(item, dict) or not {"relation_id", "target_id", "samples"} <= set(item):
+                if not isinstance(item, dict) or not {"relation_id", "target_id", "samples"} <= set(item) \
+                        or not isinstance(item["samples"], list) \
+                        or not all(isinstance(item[k], (str, int)) for k in ("relation_id", "target_id")):
                     raise RecordError("expected {relation_id, target_id, samples: [{text}]}", source=source, index=i)
                 for k, sample in enumerate(item["samples"]):
                     text = sample.get("text") if isinstance(sample, dict) else sample
@@ -134,19 +136,9 @@ class ReferenceTexts:
 
     @classmethod
     def load(cls, path) -> "ReferenceTexts":
-        import json
-        from pathlib import Path
+        from ..requests import read_json_file
 
-        from ..errors import RecordError
-
-        path = Path(path)
-        if not path.exists():
-            raise RecordError(f"file not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise RecordError(f"not valid JSON (line {exc.lineno}): {exc.msg}", source=str(path)) from None
-        return cls.from_json(data, source=str(path))
+        return cls.from_json(read_json_file(path, what="reference texts file"), source=str(path))
 
 
 def counterfact_generation(model, tokenizer, cases: Sequence[CounterFactCase],

@@ -20,7 +20,7 @@ from .._version import __version__
 from ..atomic import write_json_atomic
 from ..deltas import Deltas
 from ..editors import EditContext, compute_edit, get_editor, resolve_hparams
-from ..errors import KeditError
+from ..errors import KeditError, KeditRuntimeError
 from ..models import LoadedModel
 from ..requests import requests_sha256
 from ..text import default_score_tokens
@@ -129,9 +129,9 @@ def _load_phase(path: Path | None, key: str):
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON: recomputed, never trusted
         return None
-    return data["result"] if data.get("key") == key else None
+    return data.get("result") if isinstance(data, dict) and data.get("key") == key else None
 
 
 def _save_phase(path: Path | None, key: str, result) -> None:
@@ -186,7 +186,7 @@ def run_evaluation(model: LoadedModel, cases: Sequence, fmt: str, *, plan: EditP
                          "uses_covariance": bool(getattr(editor_cls, "uses_covariance", False)),
                          "context_templates": plan.context_templates}
         else:
-            deltas_file = Deltas.load(plan.deltas)
+            deltas_file = Deltas.load(plan.deltas, model=model.model)
             if len(sizes) != 1:
                 raise KeditError("a delta file holds one edit; sweeping over edit counts needs --method")
             edit_info = {"mode": "deltas", "deltas_file": str(plan.deltas), "editor": deltas_file.editor,
@@ -271,7 +271,7 @@ def _edit_and_evaluate(model, subset, fmt, plan, hparams_obj, deltas_file, setti
     finally:
         applied.revert()
     if model.fingerprint() != base_fingerprint:
-        raise KeditError("the model's weights differ from the base after reverting an edit (a bug: please report)")
+        raise KeditRuntimeError("the model's weights differ from the base after reverting an edit (a bug: please report)")
     return {"records": records, "timings": timings, **info}
 
 

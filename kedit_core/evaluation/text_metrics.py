@@ -1,21 +1,22 @@
 """Text statistics for the generation metrics: word tokens, n-gram entropy (GE) and TF-IDF
-similarity (RS).
+similarity (RS), on the libraries the reference uses.
 
 The reference (ROME/MEMIT ``eval_utils_counterfact``) tokenises words with NLTK's ``word_tokenize``
-(Punkt sentence splitting + Treebank word rules), which needs the Punkt data files, and fits
-scikit-learn's ``TfidfVectorizer``. kedit depends on neither: :func:`word_tokenize` follows the
-Treebank conventions with one regular expression (punctuation split off, ``n't`` and ``'s``-style
-clitics separated, hyphenated words, numbers and acronyms kept whole); without Punkt it also splits the
-period of abbreviations such as ``Mr.``, which shifts GE by a hair. :class:`TfidfModel` implements the
-``TfidfVectorizer`` defaults exactly (lower-casing, tokens of 2+ word characters, raw term counts,
-smoothed idf ``ln((1 + n) / (1 + df)) + 1``, L2 normalisation).
+(Punkt sentence splitting, then NLTK's Treebank word rules) and fits scikit-learn's ``TfidfVectorizer``.
+:func:`word_tokenize` runs the same two NLTK stages without any downloaded data: Punkt with its default
+parameters (``PunktSentenceTokenizer()``; the English model adds a learnt list of abbreviations, which
+is data to download) and ``NLTKWordTokenizer``, the Treebank tokenizer ``word_tokenize`` calls. The one
+difference from the reference is a period after an abbreviation that ends a Punkt sentence (``Mr.``,
+``U.S.``), split off here. :class:`TfidfModel` is ``TfidfVectorizer`` with its defaults (lower-casing,
+tokens of 2+ word characters, smoothed idf ``ln((1 + n) / (1 + df)) + 1``, L2-normalised rows); RS is the
+cosine of two rows, 0 when either text has no known term (the reference divides by a zero norm there).
 """
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
-from typing import Iterable, Mapping, Sequence
+from functools import lru_cache
+from typing import Iterable, Sequence
 
 __all__ = ["word_tokenize", "ngram_entropy", "generation_entropy", "TfidfModel", "read_documents", "NGRAM_ORDERS",
            "NGRAM_WEIGHTS"]
@@ -23,24 +24,19 @@ __all__ = ["word_tokenize", "ngram_entropy", "generation_entropy", "TfidfModel",
 NGRAM_ORDERS = (2, 3)
 NGRAM_WEIGHTS = (2 / 3, 4 / 3)
 
-_WORD = re.compile(r"""
-      (?:[^\W\d_]\.){2,}                 # acronyms and initials run together: U.S., e.g.
-    | \d+(?:[.,:/]\d+)*                  # numbers: 1,000.5  12:30  1/2
-    | \w+?(?=n['’]t\b)                   # "do" of "don't" (Treebank: do + n't)
-    | n['’]t\b
-    | ['’](?:s|re|ve|ll|d|m)\b           # clitics: 's 're 've 'll 'd 'm
-    | \w+(?:[-‐]\w+)*                    # words, hyphenated words
-    | \.\.\.|--|``|''                    # multi-character punctuation
-    | [^\w\s]                            # any other symbol on its own
-""", re.VERBOSE | re.IGNORECASE)
 
-_TFIDF_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token_pattern
+@lru_cache(maxsize=1)
+def _nltk_tokenizers():
+    from nltk.tokenize.destructive import NLTKWordTokenizer
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    return PunktSentenceTokenizer(), NLTKWordTokenizer()
 
 
 def word_tokenize(text: str) -> list[str]:
-    """Split text into word tokens the Treebank way (see the module docstring for how this relates to
-    NLTK's ``word_tokenize``)."""
-    return _WORD.findall(text)
+    """NLTK's ``word_tokenize`` without downloaded data (see the module docstring)."""
+    sentences, words = _nltk_tokenizers()
+    return [token for sentence in sentences.tokenize(text) for token in words.tokenize(sentence)]
 
 
 def ngram_entropy(text: str, orders: Sequence[int] = NGRAM_ORDERS, weights: Sequence[float] = NGRAM_WEIGHTS) -> float:
@@ -68,56 +64,60 @@ def generation_entropy(texts: Iterable[str]) -> float:
 
 
 class TfidfModel:
-    """TF-IDF vectors with scikit-learn ``TfidfVectorizer``'s default settings, fitted on a corpus."""
+    """scikit-learn's ``TfidfVectorizer`` (default settings) fitted on a corpus."""
 
-    def __init__(self, idf: Mapping[str, float], num_documents: int):
-        self.idf = dict(idf)
+    def __init__(self, vectorizer, num_documents: int):
+        self.vectorizer = vectorizer
         self.num_documents = num_documents
-
-    @staticmethod
-    def terms(text: str) -> list[str]:
-        return _TFIDF_TOKEN.findall(text.lower())
 
     @classmethod
     def fit(cls, documents: Iterable[str]) -> "TfidfModel":
-        df: Counter = Counter()
-        n = 0
-        for doc in documents:
-            n += 1
-            df.update(set(cls.terms(doc)))
-        if n == 0:
-            raise ValueError("cannot fit TF-IDF on an empty corpus")
-        idf = {term: math.log((1 + n) / (1 + count)) + 1.0 for term, count in df.items()}
-        return cls(idf, n)
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        from ..errors import KeditError
+
+        documents = list(documents)
+        if not documents:
+            raise KeditError("cannot fit TF-IDF on an empty corpus")
+        vectorizer = TfidfVectorizer()
+        try:
+            vectorizer.fit(documents)
+        except ValueError as exc:  # "empty vocabulary": no word of two or more characters anywhere
+            raise KeditError(f"cannot fit TF-IDF on these {len(documents)} documents: {exc}") from None
+        return cls(vectorizer, len(documents))
+
+    @property
+    def idf(self) -> dict[str, float]:
+        """``{term: idf}`` of the fitted vocabulary."""
+        if not hasattr(self, "_idf"):
+            weights = self.vectorizer.idf_
+            self._idf = {term: float(weights[i]) for term, i in self.vectorizer.vocabulary_.items()}
+        return self._idf
 
     def vector(self, text: str) -> dict[str, float]:
-        """The L2-normalised TF-IDF vector of ``text`` (terms outside the fitted vocabulary are dropped)."""
-        counts = Counter(t for t in self.terms(text) if t in self.idf)
-        vec = {t: c * self.idf[t] for t, c in counts.items()}
-        norm = math.sqrt(sum(v * v for v in vec.values()))
-        return {t: v / norm for t, v in vec.items()} if norm > 0 else {}
+        """The L2-normalised TF-IDF vector of ``text`` as ``{term: weight}`` (unknown terms dropped)."""
+        row = self.vectorizer.transform([text]).tocoo()
+        if not hasattr(self, "_names"):
+            self._names = self.vectorizer.get_feature_names_out()
+        return {str(self._names[j]): float(v) for j, v in zip(row.col, row.data)}
 
     def similarity(self, text_a: str, text_b: str) -> float:
         """Cosine similarity of the two texts' TF-IDF vectors; 0 when either has no known term."""
-        a, b = self.vector(text_a), self.vector(text_b)
-        if len(a) > len(b):
-            a, b = b, a
-        return sum(v * b.get(t, 0.0) for t, v in a.items())
+        rows = self.vectorizer.transform([text_a, text_b])  # L2-normalised: the cosine is the dot product
+        return float(rows[0].multiply(rows[1]).sum())
 
 
 def read_documents(path) -> list[str]:
     """Documents to fit TF-IDF on: a text file (one document per non-empty line, as WikiText stores
     paragraphs), a JSON list of strings or of ``{"text": ...}`` objects, the reference's
     ``attribute_snippets.json`` (every sample's text), or JSONL of either kind."""
-    import json
     from pathlib import Path
 
     from ..errors import RecordError
+    from ..requests import parse_json, read_text_file
 
     path = Path(path)
-    if not path.exists():
-        raise RecordError(f"file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, what="document file")
 
     def from_item(item, index):
         if isinstance(item, str):
@@ -125,15 +125,14 @@ def read_documents(path) -> list[str]:
         if isinstance(item, dict) and isinstance(item.get("text"), str):
             return [item["text"]]
         if isinstance(item, dict) and isinstance(item.get("samples"), list):
-            return [s["text"] if isinstance(s, dict) else s for s in item["samples"]]
+            texts = [s.get("text") if isinstance(s, dict) else s for s in item["samples"]]
+            if all(isinstance(t, str) for t in texts):
+                return texts
         raise RecordError("expected a string, {\"text\": ...} or {\"samples\": [{\"text\": ...}]}", source=str(path),
                           index=index)
 
     if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RecordError(f"not valid JSON (line {exc.lineno}): {exc.msg}", source=str(path)) from None
+        data = parse_json(text, str(path))
         if not isinstance(data, list):
             raise RecordError(f"expected a JSON list of documents; got {type(data).__name__}", source=str(path))
         docs = [d for i, item in enumerate(data) for d in from_item(item, i)]
@@ -141,10 +140,7 @@ def read_documents(path) -> list[str]:
         docs = []
         for i, line in enumerate(text.splitlines()):
             if line.strip():
-                try:
-                    docs += from_item(json.loads(line), i)
-                except json.JSONDecodeError as exc:
-                    raise RecordError(f"line {i + 1} is not valid JSON: {exc.msg}", source=str(path)) from None
+                docs += from_item(parse_json(line, f"{path}, line {i + 1}"), i)
     else:
         docs = [line.strip() for line in text.splitlines() if line.strip()]
     if not docs:

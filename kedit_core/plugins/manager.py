@@ -1,12 +1,17 @@
 """The one plugin manager: created on first use (never at import time), loading the ``kedit``
 entry-point group, honouring ``KEDIT_LOAD_PLUGINS`` (allow-list) and ``KEDIT_DISABLE_PLUGINS``
-(block-list), then ``check_pending()`` so a misspelled hook implementation fails loudly."""
+(block-list), then ``check_pending()`` so a misspelled hook implementation fails loudly.
+
+A plugin whose import raises does not take kedit down with it: it is skipped with a warning naming it,
+its error and how to switch it off, and ``kedit plugins`` lists it under ``failed``; asking for an
+editor it would have provided names it too."""
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata as md
 import os
 import threading
+import warnings
 from typing import Iterator
 
 import pluggy
@@ -21,6 +26,7 @@ CORE_PLUGIN_NAME = "kedit-core"
 _lock = threading.RLock()
 _pm: pluggy.PluginManager | None = None
 _infos: dict[str, PluginInfo] = {}
+_failed: dict[str, str] = {}   # entry-point name -> why it did not load
 _registry: Registry | None = None
 
 
@@ -61,9 +67,13 @@ def _create() -> pluggy.PluginManager:
             continue
         try:
             plugin = ep.load()
-        except Exception as exc:  # a broken plugin is named, with the way to switch it off
-            raise PluginError(f"kedit plugin {ep.name!r} (distribution '{dist}', {ep.value}) failed to load: "
-                              f"{type(exc).__name__}: {exc}. Disable it with KEDIT_DISABLE_PLUGINS={ep.name}") from exc
+        except Exception as exc:  # a broken plugin is named, with the way to switch it off, and skipped
+            message = (f"kedit plugin {ep.name!r} (distribution '{dist}', {ep.value}) failed to load and is skipped: "
+                       f"{type(exc).__name__}: {' '.join(str(exc).split())}. Disable it with "
+                       f"KEDIT_DISABLE_PLUGINS={ep.name}")
+            _failed[ep.name] = message
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            continue
         pm.register(plugin, name=ep.name)
         _infos[ep.name] = PluginInfo(ep.name, dist, version, ep.value)
     pm.check_pending()
@@ -77,6 +87,12 @@ def get_plugin_manager() -> pluggy.PluginManager:
         if _pm is None:
             _pm = _create()
         return _pm
+
+
+def failed_plugins() -> dict[str, str]:
+    """Entry points that failed to load (skipped), with the reason: ``{name: message}``."""
+    get_plugin_manager()
+    return dict(_failed)
 
 
 def plugin_info(name: str) -> PluginInfo:
@@ -130,6 +146,7 @@ def reload_plugins() -> None:
     with _lock:
         _pm = None
         _infos.clear()
+        _failed.clear()
         _invalidate()
 
 

@@ -13,10 +13,12 @@ a warning and recomputed. Files and checkpoints are written atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -26,7 +28,8 @@ from typing import Sequence
 import torch
 
 from .._version import __version__
-from ..errors import KeditError
+from ..errors import KeditError, TensorFileError
+from ..tensorfile import atomic_save_safetensors, check_name, open_tensor_file, tensor_sha256
 from .collect import (collect_second_moments, distributed_info, remove_checkpoint, tokenizer_fingerprint)
 from .corpus import Corpus, open_corpus
 from .source import Moment
@@ -39,8 +42,13 @@ MOM2_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _PROVENANCE = ("model", "corpus_origin")
 
 
-class CacheFileError(Exception):
+class CacheFileError(TensorFileError):
     """A statistics file that cannot be trusted (truncated, corrupt, or not a kedit statistics file)."""
+
+
+# Larger than any real model's key dimension (Llama-3-405B's d_ff is 53,248); a header claiming more is
+# rejected before the matrix is allocated.
+MAX_KEY_DIM = 1 << 17
 
 
 def default_stats_dir() -> Path:
@@ -55,10 +63,6 @@ def default_stats_dir() -> Path:
 def _slug(text: str, limit: int = 40) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
     return slug[-limit:]
-
-
-def _tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -98,37 +102,50 @@ class _RunKey:
                 "model": self.model_name, "corpus_origin": self.corpus_origin, **self.settings()}
 
 
-def read_cache_file(path: str | os.PathLike) -> tuple[torch.Tensor, int, dict]:
-    """``(mom2, count, metadata)`` of a statistics file, verified; raises :class:`CacheFileError`."""
-    from safetensors import safe_open
-
-    from ..deltas import read_safetensors_metadata
+def read_cache_file(path: str | os.PathLike, *, expected_dim: int | None = None) -> tuple[torch.Tensor, int, dict]:
+    """``(mom2, count, metadata)`` of a statistics file, verified; raises :class:`CacheFileError`. The
+    header is checked first (tensor names, a square ``mom2`` of at most :data:`MAX_KEY_DIM`, or exactly
+    ``expected_dim``, a plain module name and an integer layer in the metadata), so nothing is allocated
+    for a file that claims an absurd shape."""
+    def fail(message: str) -> CacheFileError:
+        return CacheFileError(message)
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = read_safetensors_metadata(f.metadata())
-            mom2 = f.get_tensor("mom2")
-            count = int(f.get_tensor("count").reshape(-1)[0])
-    except Exception as exc:  # safetensors reports truncation and bad headers with several error types
-        raise CacheFileError(f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    if meta.get("format") != STATS_FORMAT:
-        raise CacheFileError(f"not a kedit statistics file (format {meta.get('format')!r})")
-    if mom2.dim() != 2 or mom2.shape[0] != mom2.shape[1]:
-        raise CacheFileError(f"mom2 has shape {tuple(mom2.shape)}, expected a square matrix")
-    if _tensor_sha256(mom2) != meta.get("mom2_sha256"):
-        raise CacheFileError("mom2's bytes do not match the hash recorded when the file was written")
+        with open_tensor_file(path, what="statistics file") as f:
+            meta = f.meta
+            if meta.get("format") != STATS_FORMAT:
+                raise fail(f"not a kedit statistics file (format {meta.get('format')!r})")
+            if f.names != ["count", "mom2"]:
+                raise fail(f"holds tensors {f.names}; expected 'count' and 'mom2'")
+            shape = f.shapes["mom2"]
+            if len(shape) != 2 or shape[0] != shape[1] or not 0 < shape[0] <= MAX_KEY_DIM:
+                raise fail(f"mom2 has shape {list(shape)}, expected a square matrix of side 1..{MAX_KEY_DIM}")
+            if expected_dim is not None and shape[0] != expected_dim:
+                raise fail(f"mom2 is {shape[0]}x{shape[0]}; the model's keys have dimension {expected_dim}")
+            if f.dtypes["mom2"] not in ("F32", "F64") or f.shapes["count"] != (1,):
+                raise fail(f"mom2 is {f.dtypes['mom2']} and count has shape {list(f.shapes['count'])}; expected "
+                           "F32/F64 and [1]")
+            check_name(meta.get("module"), "module name in the metadata", f.path)
+            if not isinstance(meta.get("layer"), int) or isinstance(meta.get("layer"), bool):
+                raise fail(f"metadata layer {meta.get('layer')!r} is not an integer")
+            mom2 = f.get("mom2")
+            count = int(f.get("count").reshape(-1)[0])
+    except CacheFileError:
+        raise
+    except TensorFileError as exc:
+        raise fail(str(exc).removeprefix(f"{path}: ")) from None
+    if tensor_sha256(mom2) != meta.get("mom2_sha256"):
+        raise fail("mom2's bytes do not match the hash recorded when the file was written")
     if count <= 0 or count != meta.get("count"):
-        raise CacheFileError(f"count {count} does not match the recorded {meta.get('count')}")
+        raise fail(f"count {count} does not match the recorded {meta.get('count')}")
     if not torch.isfinite(mom2).all():
-        raise CacheFileError("mom2 contains NaN or infinite values")
+        raise fail("mom2 contains NaN or infinite values")
     return mom2, count, meta
 
 
 def write_cache_file(path: Path, mom2: torch.Tensor, count: int, key: _RunKey, layer: int, module: str) -> Path:
-    from ..deltas import atomic_save_safetensors
-
     mom2 = mom2.to(MOM2_DTYPES[key.mom2_dtype]).contiguous()
-    meta = key.metadata(layer, module, count, _tensor_sha256(mom2))
+    meta = key.metadata(layer, module, count, tensor_sha256(mom2))
     return atomic_save_safetensors({"mom2": mom2, "count": torch.tensor([count], dtype=torch.int64)}, path, meta)
 
 
@@ -211,18 +228,38 @@ class CachedCovariance:
             return
         key = self._key(model)
         run_dir = key.run_dir(self.stats_dir) if self.stats_dir is not None else None
-        missing = []
-        for layer in wanted:
-            moment = None if self.recompute or run_dir is None else self._load(model, key, run_dir, layer)
-            if moment is None:
-                missing.append(layer)
-            else:
-                pinned[layer] = moment
-                self.last_report[layer] = {"layer": layer, "status": "cached", "path": moment.origin,
-                                           "count": moment.count}
-        missing = _agree_across_ranks(missing)
-        if missing:
-            self._compute(model, key, run_dir, missing, pinned)
+        # One process at a time computes into a cache directory: a second one asking for the same
+        # statistics waits, then finds the first one's files instead of computing them again.
+        with self._exclusive(run_dir):
+            missing = []
+            for layer in wanted:
+                moment = None if self.recompute or run_dir is None else self._load(model, key, run_dir, layer)
+                if moment is None:
+                    missing.append(layer)
+                else:
+                    pinned[layer] = moment
+                    self.last_report[layer] = {"layer": layer, "status": "cached", "path": moment.origin,
+                                               "count": moment.count}
+            missing = _agree_across_ranks(missing)
+            if missing:
+                self._compute(model, key, run_dir, missing, pinned)
+
+    def _exclusive(self, run_dir: Path | None):
+        """A file lock (``filelock``) on ``run_dir`` held by rank 0 while it reads and writes there; the
+        OS releases it when the holder dies, even by SIGKILL."""
+        if run_dir is None or distributed_info()[0] != 0:
+            return contextlib.nullcontext()
+        from filelock import FileLock, Timeout
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(run_dir / ".lock"))
+        try:
+            return lock.acquire(timeout=0)  # a context manager that releases the lock
+        except Timeout:
+            if self.progress:
+                print(f"kedit: waiting for another process computing the statistics in {run_dir}", file=sys.stderr,
+                      flush=True)
+            return lock.acquire()
 
     def moment(self, model, layer: int) -> Moment:
         pinned = self._moments.get(model.model, {})
@@ -238,20 +275,16 @@ class CachedCovariance:
         if not path.exists():
             return None
         try:
-            mom2, count, meta = read_cache_file(path)
+            mom2, count, meta = read_cache_file(path, expected_dim=model.adapter.key_size)
         except CacheFileError as exc:
-            warnings.warn(f"statistics cache {path} is corrupt or truncated ({exc}); recomputing",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(f"statistics cache {path} is corrupt or truncated, or not for this model ({exc}); "
+                          "recomputing", RuntimeWarning, stacklevel=3)
             return None
         expected = key.metadata(layer, module, count, meta.get("mom2_sha256"))
         differ = sorted(k for k in expected if k not in _PROVENANCE and expected[k] != meta.get(k))
         if differ:
             warnings.warn(f"statistics cache {path} was made with other settings ({', '.join(differ)}); "
                           "recomputing", RuntimeWarning, stacklevel=3)
-            return None
-        if mom2.shape[0] != model.adapter.key_size:
-            warnings.warn(f"statistics cache {path} has dimension {mom2.shape[0]}, the model's keys "
-                          f"{model.adapter.key_size}; recomputing", RuntimeWarning, stacklevel=3)
             return None
         return Moment(mom2, count, str(path))
 
@@ -262,7 +295,7 @@ class CachedCovariance:
         candidates = []
         for path in sorted(model_dir.glob(f"*/{module}.safetensors")) if model_dir.is_dir() else []:
             try:
-                mom2, count, meta = read_cache_file(path)
+                mom2, count, meta = read_cache_file(path, expected_dim=model.adapter.key_size)
             except CacheFileError as exc:
                 warnings.warn(f"statistics cache {path} is corrupt or truncated ({exc}); ignoring it",
                               RuntimeWarning, stacklevel=3)

@@ -35,7 +35,7 @@ import torch
 
 from .. import ops
 from .._version import __version__
-from ..errors import KeditError
+from ..errors import KeditError, KeditRuntimeError
 from ..tracing import TraceDict
 from .corpus import Corpus, open_corpus
 
@@ -267,7 +267,7 @@ class _Accumulator:
 # -- checkpoints -------------------------------------------------------------------------------------
 
 def _save_checkpoint(path: Path, sums: dict[int, torch.Tensor], count: int, settings: dict, pos: _Position) -> None:
-    from ..deltas import atomic_save_safetensors
+    from ..tensorfile import atomic_save_safetensors
 
     tensors = {f"sum.{layer}": s.detach().to("cpu") for layer, s in sums.items()}
     tensors["count"] = torch.tensor([count], dtype=torch.int64)
@@ -275,30 +275,32 @@ def _save_checkpoint(path: Path, sums: dict[int, torch.Tensor], count: int, sett
     atomic_save_safetensors(tensors, path, meta)
 
 
-def _load_checkpoint(path: Path, settings: dict, layers: Sequence[int], device: torch.device):
+def _load_checkpoint(path: Path, settings: dict, layers: Sequence[int], device: torch.device, dim: int):
     """``(sums, count, position)`` from a checkpoint made with the same settings, else None (with a
-    warning saying why the file is not used)."""
+    warning saying why the file is not used). Shapes are checked before any tensor is read."""
     import warnings
 
-    from safetensors import safe_open
-
-    from ..deltas import read_safetensors_metadata
+    from ..tensorfile import open_tensor_file
 
     if not path.exists():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = read_safetensors_metadata(f.metadata())
+        with open_tensor_file(path, what="statistics checkpoint") as f:
+            meta = f.meta
             if meta.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}")
-            if meta.get("settings") != settings:
-                differ = sorted(k for k in set(settings) | set(meta.get("settings", {}))
-                                if settings.get(k) != meta.get("settings", {}).get(k))
+            saved = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
+            if saved != settings:
+                differ = sorted(k for k in set(settings) | set(saved) if settings.get(k) != saved.get(k))
                 warnings.warn(f"{path}: partial statistics from other settings ({', '.join(differ)}); starting over",
                               RuntimeWarning, stacklevel=3)
                 return None
-            sums = {layer: f.get_tensor(f"sum.{layer}").to(device) for layer in layers}
-            count = int(f.get_tensor("count")[0])
+            expected = {f"sum.{layer}": (dim, dim) for layer in layers}
+            expected["count"] = (1,)
+            if f.shapes != expected:
+                raise ValueError(f"tensor shapes {f.shapes}, expected {expected}")
+            sums = {layer: f.get(f"sum.{layer}").to(device) for layer in layers}
+            count = int(f.get("count")[0])
             pos = _Position(**meta["position"])
     except Exception as exc:  # a truncated or corrupt file is never used
         warnings.warn(f"{path}: unreadable partial statistics ({exc}); starting over", RuntimeWarning, stacklevel=3)
@@ -372,7 +374,7 @@ def collect_second_moments(model, layers: Sequence[int], corpus, *, tokens: int 
             "tokens": tokens, "docs": docs, "batch_tokens": batch_tokens, "chunk_tokens": chunk_tokens,
             "max_length": max_length, "rank": rank, "world_size": world, "kedit_version": __version__,
         }
-        loaded = _load_checkpoint(ckpt_path, settings, layers, device)
+        loaded = _load_checkpoint(ckpt_path, settings, layers, device, d)
         if loaded is not None:
             sums, count, pos = loaded
             resumed_from = dict(pos.__dict__)
@@ -403,7 +405,7 @@ def collect_second_moments(model, layers: Sequence[int], corpus, *, tokens: int 
                     del traces
                     missing = [names[layer] for layer, k in keys.items() if k is None]
                     if missing:
-                        raise KeditError(f"the forward pass never reached {', '.join(missing)}")
+                        raise KeditRuntimeError(f"the forward pass never reached {', '.join(missing)}")
                     accumulator.add(keys, mask.bool() if mask is not None else None, n_real)
                     count += n_real
                     forward_tokens += n_real

@@ -12,12 +12,12 @@ file made from it so that statistics are reused only for the same text::
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 from ..errors import KeditError, RecordError
+from ..requests import parse_json
 
 __all__ = ["Corpus", "TextFileCorpus", "JsonlCorpus", "TextListCorpus", "HFDatasetCorpus", "open_corpus",
            "SEPARATORS"]
@@ -137,10 +137,7 @@ class JsonlCorpus:
             for index, line in enumerate(f):
                 if not line.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise RecordError(f"not valid JSON ({exc.msg})", source=str(self.path), index=index) from None
+                record = parse_json(line, f"{self.path}, record {index}")
                 if not isinstance(record, dict) or self.text_field not in record:
                     raise RecordError(f"expected an object with a text field {self.text_field!r}",
                                       source=str(self.path), index=index, field=self.text_field)

@@ -54,26 +54,24 @@ class InMemoryCovariance:
 
 
 def read_moment_file(path: str | os.PathLike, *, expected_dim: int | None = None) -> Moment:
-    """Read a precomputed moment: a safetensors file with tensor ``mom2`` (and optional ``count``)."""
-    from safetensors import SafetensorError, safe_open
+    """Read a precomputed moment: a safetensors file with tensor ``mom2`` (and optional ``count``). The
+    header is checked (names, a square ``mom2`` of ``expected_dim``) before anything is read."""
+    from ..tensorfile import FLOAT_DTYPES, open_tensor_file
 
-    path = Path(path)
-    if not path.exists():
-        raise KeditError(f"covariance file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            if "mom2" not in keys:
-                raise KeditError(f"{path}: expected a tensor named 'mom2'; found {sorted(keys)}")
-            mom2 = f.get_tensor("mom2")
-            count = int(f.get_tensor("count").reshape(-1)[0]) if "count" in keys else None
-    except (SafetensorError, OSError) as exc:
-        raise KeditError(f"{path}: not a readable safetensors file ({exc})") from None
-    if mom2.dim() != 2 or mom2.shape[0] != mom2.shape[1]:
-        raise KeditError(f"{path}: 'mom2' must be a square matrix; got shape {tuple(mom2.shape)}")
-    if expected_dim is not None and mom2.shape[0] != expected_dim:
-        raise KeditError(f"{path}: 'mom2' is {mom2.shape[0]}x{mom2.shape[0]} but the model's keys have "
-                         f"dimension {expected_dim}")
+    with open_tensor_file(path, what="covariance file") as f:
+        if "mom2" not in f.shapes:
+            raise f.fail(f"expected a tensor named 'mom2'; found {f.names}")
+        shape = f.shapes["mom2"]
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise f.fail(f"'mom2' must be a square matrix; got shape {list(shape)}")
+        if expected_dim is not None and shape[0] != expected_dim:
+            raise f.fail(f"'mom2' is {shape[0]}x{shape[0]} but the model's keys have dimension {expected_dim}")
+        if f.dtypes["mom2"] not in FLOAT_DTYPES:
+            raise f.fail(f"'mom2' has dtype {f.dtypes['mom2']}; expected a floating-point matrix")
+        if "count" in f.shapes and f.shapes["count"] not in ((), (1,)):
+            raise f.fail(f"'count' has shape {list(f.shapes['count'])}; expected one number")
+        mom2 = f.get("mom2")
+        count = int(f.get("count").reshape(-1)[0]) if "count" in f.shapes else None
     if not torch.isfinite(mom2).all():
         raise KeditError(f"{path}: 'mom2' contains NaN or infinite values")
     return Moment(mom2, count, str(path))

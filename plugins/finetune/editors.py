@@ -17,7 +17,7 @@ from torch import nn
 from kedit_core import Deltas, EditContext, EditResult, Editor, EditRequest, LoadedModel
 from kedit_core.deltas import preserved_weights
 from kedit_core.editors import PhaseTimer
-from kedit_core.errors import HyperParamsError, KeditError
+from kedit_core.errors import HyperParamsError, KeditRuntimeError
 from kedit_core.hparams import HyperParams, find_model_defaults
 
 from .facts import new_facts, old_facts, resolve_unmodified_facts
@@ -112,7 +112,7 @@ class ConstrainedFineTune(FineTune):
         radius = self.hparams.norm_constraint
         worst = max((max_abs_change(p, originals[n]) for n, p in params.items()), default=0.0)
         if worst > radius:
-            raise KeditError(f"ft-l: a trained weight moved by {worst!r}, outside the bound {radius!r} "
+            raise KeditRuntimeError(f"ft-l: a trained weight moved by {worst!r}, outside the bound {radius!r} "
                              "(a bug in the projection)")
         extra.update({"norm_constraint": radius, "max_abs_change": worst})
 

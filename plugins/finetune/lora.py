@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from kedit_core.errors import HyperParamsError, KeditError
+from kedit_core.errors import HyperParamsError, KeditError, KeditRuntimeError
 
 from .selection import parameter_module
 
@@ -144,6 +144,6 @@ def lora_adapters(model: nn.Module, targets: list[str], *, rank: int, alpha: flo
                 p.requires_grad_(flags[name])
         after = structure_snapshot(model)
         if after != before:
-            raise KeditError("unloading the peft LoRA adapters did not give back the model exactly as it was "
+            raise KeditRuntimeError("unloading the peft LoRA adapters did not give back the model exactly as it was "
                              "(modules, parameters, hooks or config differ); this is a bug in kedit's fine-tuning "
                              "plugin or an incompatible peft version")

@@ -112,10 +112,12 @@ def test_same_subject_different_relations_is_a_warning(gpt2):
 
 
 def test_a_failed_edit_leaves_the_model_unchanged(gpt2):
-    """Layer 1 is solved and applied while layer 2 is measured; layer 2's statistics are singular."""
+    """Layer 1 is solved and applied while layer 2 is measured; layer 2's statistics are singular (rank one:
+    a positive diagonal, so only the solve finds out)."""
     model, cov = gpt2
     before = state_snapshot(model)
-    broken = kedit.stats.InMemoryCovariance({1: cov.moment(model, 1).mom2, 2: torch.zeros(256, 256)})
+    rank_one = torch.ones(256, 1) @ torch.ones(1, 256)
+    broken = kedit.stats.InMemoryCovariance({1: cov.moment(model, 1).mom2, 2: rank_one})
     with pytest.raises(KeditError, match="layer 2.*not positive definite"):
         run(model, broken, "emmet", requests_for_tests(), layers=[1, 2], v_num_grad_steps=2)
     assert_bit_identical(model, before)

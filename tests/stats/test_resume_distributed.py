@@ -153,7 +153,7 @@ def test_kedit_stats_command_computes_then_reuses(tmp_path, corpus_file, capsys)
     assert main(["stats", "--model", str(model_dir), "--layers", "1"]) == 2
     assert "needs --corpus" in capsys.readouterr().err
     assert main(["stats", "--model", str(model_dir), "--layers", "1,x", "--corpus", str(corpus_file)]) == 2
-    assert "expected layer numbers" in capsys.readouterr().err
+    assert "expected comma-separated layer numbers" in capsys.readouterr().err
 
 
 def test_torchrun_ranks_take_gpus_only_when_each_has_its_own(monkeypatch):

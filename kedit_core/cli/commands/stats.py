@@ -24,18 +24,6 @@ Example:
   kedit stats --model gpt2-xl --layers 13,14,15,16,17 --corpus wiki.txt --tokens 10_000_000 --stats-dir stats/"""
 
 
-def _layers(text: str) -> list[int]:
-    """``3,4,5`` or ``3-7`` (or a mix)."""
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        lo, sep, hi = part.partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise KeditError(f"--layers {text!r}: expected layer numbers like 3,4,5 or 3-7")
-        out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-    return sorted(set(out))
-
-
 def add_arguments(parser) -> None:
     from ...stats.cli_args import add_corpus_arguments
 
@@ -49,12 +37,13 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ...models import load_model
+    from .edit import parse_layers
     from ...stats.cli_args import cached_source_from_args
     from ...stats.collect import distributed_device, distributed_info, init_distributed
 
     if not args.corpus:
         raise KeditError("kedit stats needs --corpus (a text or JSONL file, or hf:NAME)")
-    layers = _layers(args.layers)
+    layers = parse_layers(args.layers)
     distributed = init_distributed(args.device)
     try:
         device = distributed_device(args.device) if distributed else args.device
