@@ -100,7 +100,10 @@ def run_demo(model_name: str = DEFAULT_DEMO_MODEL, *, method: str = "memit", num
     base = model.fingerprint()
     say(f"computing {len(cases)} edits with {editor_cls.name}")
     result = compute_edit(model, [c.request for c in cases], editor_cls.name, hp,
-                          context=EditContext(stats=stats, seed=seed, progress=progress, log=say))
+                          context=EditContext(stats=stats, seed=seed, progress=progress, log=say,
+                                              # finished value batches are kept (keyed by the model, settings
+                                              # and tokenised requests), so a warm rerun skips the optimisation
+                                              work_dir=cache_dir / "values"))
     lap("edit")
     from .evaluation import evaluate_cases
 

@@ -127,7 +127,7 @@ def test_a_threshold_that_keeps_no_direction_fails_before_any_work(gpt2, monkeyp
     def no_values(*args, **kwargs):
         raise AssertionError("values were optimised before the threshold was checked")
 
-    monkeypatch.setattr(batch, "optimise_values_batched", no_values)
+    monkeypatch.setattr(batch, "optimise_values_across_ranks", no_values)
     before = state_snapshot(model)
     with pytest.raises(KeditError, match=r"nullspace_threshold = 1e-09 keeps no direction of C0") as info:
         edit(model, cov, requests_for_tests(), layers=[1, 2], nullspace_threshold=1e-9)
