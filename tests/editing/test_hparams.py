@@ -2,6 +2,7 @@
 against the model, unknown keys are errors, and the shipped defaults are found by model."""
 import json
 from importlib import resources
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -119,3 +120,44 @@ def test_the_toy_model_gets_its_own_settings(toy):
     hp = get_editor("memit").default_hparams(toy)
     assert hp.layers == [0, 1] and hp.mom2_update_weight == 100.0 and hp.v_loss_layer == 3
     assert get_editor("rome").default_hparams(toy).layers == [0]
+
+
+SMOLLM2 = dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, vocab_size=49152,
+               num_attention_heads=9, num_key_value_heads=3)
+GEMMA3 = dict(num_hidden_layers=18, hidden_size=640, intermediate_size=2048, vocab_size=262144,
+              num_attention_heads=4, num_key_value_heads=1, head_dim=256)
+
+
+def test_the_real_models_get_their_swept_settings():
+    """The settings chosen by the sweeps on SmolLM2-135M and Gemma-3-270m are found by architecture (a copy
+    of the model under any name), and each index entry names the sweep's command and results file."""
+    smollm2, gemma3 = fake_model("LlamaConfig", **SMOLLM2), fake_model("Gemma3TextConfig", **GEMMA3)
+    memit, rome, emmet, alphaedit = (get_editor(n) for n in ("memit", "rome", "emmet", "alphaedit"))
+    assert memit.default_hparams(smollm2).layers == SMOLLM2_MEMIT_LAYERS
+    assert memit.default_hparams(smollm2).mom2_update_weight == SMOLLM2_MEMIT_LAMBDA
+    assert rome.default_hparams(smollm2).layers == [7]
+    assert get_editor("r-rome").default_hparams(smollm2).layers == [7]
+    assert emmet.default_hparams(smollm2).layers == SMOLLM2_MEMIT_LAYERS
+    assert alphaedit.default_hparams(smollm2).layers == SMOLLM2_MEMIT_LAYERS
+    assert memit.default_hparams(gemma3).layers == GEMMA3_MEMIT_LAYERS
+    # a Llama of another size does not get SmolLM2's settings
+    other = fake_model("LlamaConfig", **{**SMOLLM2, "num_hidden_layers": 24})
+    assert memit.default_hparams(other).layers != SMOLLM2_MEMIT_LAYERS
+    repo = Path(__file__).resolve().parents[2]
+    for name in ("memit", "rome", "emmet", "alphaedit"):
+        root = resources.files(f"kedit_plugins.{name}").joinpath("hparams")
+        index = json.loads(root.joinpath("index.json").read_text())
+        for entry in index["models"]:
+            if entry["file"] in ("smollm2-135m.json", "gemma3-270m.json"):
+                assert "bench/sweep_real.py" in entry["source"] or "bench/sequential.py" in entry["source"], entry
+                results = [w.rstrip(".;,)") for w in entry["source"].split() if w.startswith("bench/results/")]
+                assert results and all((repo / r).exists() for r in results), (name, results)
+
+
+def test_the_fine_tuning_family_finds_smollm2_settings_by_its_alias():
+    # as loaded from the zoo: the cached checkpoint's directory has the GGUF hash in its name
+    model = SimpleNamespace(model=SimpleNamespace(config=None), source="/cache/models/smollm2-135m-b179c9523d0e",
+                            info={"alias": "smollm2-135m"}, adapter=SimpleNamespace(num_layers=30))
+    ft, ftl = get_editor("ft").default_hparams(model), get_editor("ft-l").default_hparams(model)
+    assert ft.layers == SMOLLM2_FT["layers"] and ft.lr == SMOLLM2_FT["lr"]
+    assert ftl.layers == SMOLLM2_FTL["layers"] and ftl.norm_constraint == SMOLLM2_FTL["norm_constraint"]
