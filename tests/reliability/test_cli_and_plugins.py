@@ -148,7 +148,7 @@ def test_a_plugin_whose_import_raises_is_skipped_and_named(broken_plugin, monkey
         get_editor("broken-editor")
 
 
-@pytest.mark.parametrize("env, loaded", [({"KEDIT_DISABLE_PLUGINS": "broken"}, {"memit", "rome", "emmet", "finetune"}),
+@pytest.mark.parametrize("env, loaded", [({"KEDIT_DISABLE_PLUGINS": "broken"}, {"memit", "rome", "emmet", "finetune", "alphaedit"}),
                                          ({"KEDIT_LOAD_PLUGINS": "memit"}, {"memit"}),
                                          ({"KEDIT_LOAD_PLUGINS": "memit,broken"}, {"memit"})])
 def test_allow_and_block_lists_with_a_broken_plugin(broken_plugin, monkeypatch, capsys, env, loaded):
