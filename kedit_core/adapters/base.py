@@ -170,8 +170,12 @@ class BoundAdapter:
             eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
             gain = (norm(ones).to(torch.float64) * (1.0 + eps) ** 0.5).reshape(-1).to(m.device)
             y = norm(mlp_output.to(norm.weight.dtype)).to(torch.float64) + r
-        direction = y / gain
         rms = lambda x: x.pow(2).mean(-1, keepdim=True).sqrt()  # noqa: E731
+        # A channel whose gain is zero (quantised Gemma-3-270m has some: 1 + w == 0) outputs 0 whatever m is,
+        # so no change reaches it there: keep m's own (normalised) value instead of dividing by zero.
+        reachable = gain.abs() > 1e-12 * gain.abs().max()
+        direction = torch.where(reachable, y / torch.where(reachable, gain, torch.ones_like(gain)),
+                                m / rms(m).clamp_min(1e-30))
         target = direction * (rms(m) / rms(direction).clamp_min(1e-30))
         return (target - m).to(residual_change.dtype)
 

@@ -122,6 +122,9 @@ def test_the_toy_model_gets_its_own_settings(toy):
     assert get_editor("rome").default_hparams(toy).layers == [0]
 
 
+SMOLLM2_MEMIT_LAYERS, SMOLLM2_MEMIT_LAMBDA = [3, 4, 5, 6, 7], 2000
+SMOLLM2_FT = {"layers": [5], "lr": 0.005}
+SMOLLM2_FTL = {"layers": [5], "norm_constraint": 0.05}
 SMOLLM2 = dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, vocab_size=49152,
                num_attention_heads=9, num_key_value_heads=3)
 GEMMA3 = dict(num_hidden_layers=18, hidden_size=640, intermediate_size=2048, vocab_size=262144,
@@ -137,7 +140,8 @@ def test_the_real_models_get_their_swept_settings():
     assert memit.default_hparams(smollm2).mom2_update_weight == SMOLLM2_MEMIT_LAMBDA
     assert rome.default_hparams(smollm2).layers == [7]
     assert get_editor("r-rome").default_hparams(smollm2).layers == [7]
-    assert emmet.default_hparams(smollm2).layers == SMOLLM2_MEMIT_LAYERS
+    assert emmet.default_hparams(smollm2).layers == [5, 6, 7, 8, 9]
+    assert memit.default_hparams(smollm2).v_num_grad_steps == 15
     assert alphaedit.default_hparams(smollm2).layers == SMOLLM2_MEMIT_LAYERS
     assert memit.default_hparams(gemma3).layers == GEMMA3_MEMIT_LAYERS
     # a Llama of another size does not get SmolLM2's settings
