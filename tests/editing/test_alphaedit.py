@@ -164,6 +164,6 @@ def test_published_settings_ship_and_validate():
     assert hp.layers == [4, 5, 6, 7, 8] and hp.v_lr == 0.1
     smol = SimpleNamespace(model=SimpleNamespace(config=transformers.LlamaConfig(
         num_hidden_layers=30, hidden_size=576, vocab_size=49152)), source="/m/y", adapter=None)
-    assert editor.default_hparams(smol).layers == [5, 6, 7, 8, 9]
+    assert editor.default_hparams(smol).layers == [3, 4, 5, 6, 7]   # MEMIT's swept SmolLM2 layers
     with pytest.raises(KeditError, match="L2"):
         editor.HParams.from_dict({"L2": 0})
