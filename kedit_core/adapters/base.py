@@ -152,12 +152,18 @@ class BoundAdapter:
         return logits
 
     def mlp_output_change(self, layer: int, mlp_output: torch.Tensor, residual_change: torch.Tensor) -> torch.Tensor:
-        """The change of the MLP's output ``[N, d]`` that moves the residual stream by ``residual_change``.
+        """The change of the MLP's output ``[N, d]`` that moves the residual stream by ``residual_change``
+        (as nearly as the family's post-MLP norm allows).
 
         Without a post-MLP norm the two are the same. With an RMS norm ``y = g ⊙ m / rms(m)`` after the
-        MLP (Gemma 2/3), ``m`` can only reach outputs with ``rms(y / g) = 1``: the wanted ``y = N(m) + r``
-        is projected onto them (scaled), and ``m*`` is chosen along ``y / g`` with ``m``'s own rms, which
-        the norm then maps exactly onto that projection. Returns ``m* − m``.
+        MLP (Gemma 2/3) the norm's outputs are the ellipsoid ``{c·g ⊙ u : mean(u²) = 1}`` (``c`` the eps
+        factor at ``m``'s own rms): the wanted ``y = N(m) + r`` is replaced by its **nearest** point there,
+        ``u = c·g ⊙ y / (c²g² + μ)`` with the scalar ``μ`` that puts ``u`` on the sphere (found by bisection),
+        and ``m* = rms(m)·u``, which the norm maps exactly onto that point; a reachable ``y`` is hit exactly.
+        (Dividing ``y`` by the gain and rescaling instead lets the channels of tiny gain — Gemma-3-270m's
+        gains span 1e-3 … 800 within one layer — take all of ``u``'s rms, and the change then points
+        nowhere near ``r``.) Channels whose gain is exactly zero (quantised Gemma-3-270m has some:
+        ``1 + w == 0``) output 0 whatever ``m`` is: they keep ``m``'s own value. Returns ``m* − m``.
         """
         name = self.post_mlp_norm_name(layer)
         if name is None:
@@ -169,15 +175,8 @@ class BoundAdapter:
             ones = torch.ones(1, m.shape[-1], dtype=norm.weight.dtype, device=norm.weight.device)
             eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
             gain = (norm(ones).to(torch.float64) * (1.0 + eps) ** 0.5).reshape(-1).to(m.device)
-            y = norm(mlp_output.to(norm.weight.dtype)).to(torch.float64) + r
-        rms = lambda x: x.pow(2).mean(-1, keepdim=True).sqrt()  # noqa: E731
-        # A channel whose gain is zero (quantised Gemma-3-270m has some: 1 + w == 0) outputs 0 whatever m is,
-        # so no change reaches it there: keep m's own (normalised) value instead of dividing by zero.
-        reachable = gain.abs() > 1e-12 * gain.abs().max()
-        direction = torch.where(reachable, y / torch.where(reachable, gain, torch.ones_like(gain)),
-                                m / rms(m).clamp_min(1e-30))
-        target = direction * (rms(m) / rms(direction).clamp_min(1e-30))
-        return (target - m).to(residual_change.dtype)
+            y = norm(mlp_output.to(norm.weight.dtype)).to(torch.float64).to(m.device) + r.to(m.device)
+        return (rms_norm_preimage(m, y, gain, eps) - m).to(residual_change.dtype)
 
     @property
     def context_length(self) -> int:
@@ -195,6 +194,38 @@ class BoundAdapter:
     def from_param_layout(self, weight: torch.Tensor) -> torch.Tensor:
         """``mlp_out``'s stored weight as ``[d_model, d_ff]``."""
         return weight if self.spec.mlp_out_layout == "out_in" else weight.T
+
+
+def rms_norm_preimage(m: torch.Tensor, y: torch.Tensor, gain: torch.Tensor, eps: float = 0.0, *,
+                      iterations: int = 200) -> torch.Tensor:
+    """``m*`` with ``rms(m*) = rms(m)`` whose RMS norm ``g ⊙ m* / sqrt(mean(m*²) + eps)`` is the point of that
+    norm's outputs nearest to ``y`` (rows ``[N, d]``, float64; ``gain`` ``[d]``). Channels of gain exactly 0
+    keep ``m``'s value. See :meth:`BoundAdapter.mlp_output_change`."""
+    d = m.shape[-1]
+    s = m.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)                 # rms(m)     [N, 1]
+    u0 = m / s
+    c = s / (s.pow(2) + eps).sqrt()                                               # N(s·u) = c·g ⊙ u
+    live = gain != 0
+    cg = c * torch.where(live, gain, torch.zeros_like(gain))                      # [N, d]
+    num = cg * y                                                                  # u = num / (cg² + μ)
+    # The live channels share what rms the dead ones leave: Σ_live u² = budget.
+    budget = (d - torch.where(live, torch.zeros_like(u0), u0).pow(2).sum(-1, keepdim=True)).clamp_min(1e-12)
+    # Σ (num / (cg² + μ))² falls from +∞ to 0 as μ rises from −min cg² (over channels with num ≠ 0); with
+    # t = μ + min cg², it is at most Σ num² / t², so the root lies in (0, sqrt(Σ num² / budget)].
+    active = num != 0
+    floor = torch.where(active, cg.pow(2), torch.full_like(cg, float("inf"))).amin(-1, keepdim=True)
+    floor = torch.where(torch.isfinite(floor), floor, torch.zeros_like(floor))
+    hi = (num.pow(2).sum(-1, keepdim=True) / budget).sqrt().clamp_min(1e-300).log()
+    lo = hi - 80.0
+    for _ in range(iterations):                                                   # bisection on log t
+        mid = 0.5 * (lo + hi)
+        den = cg.pow(2) - floor + mid.exp()
+        over = torch.where(active, num / den, torch.zeros_like(num)).pow(2).sum(-1, keepdim=True) > budget
+        lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+    den = cg.pow(2) - floor + (0.5 * (lo + hi)).exp()
+    u = torch.where(active, num / den, torch.zeros_like(num))
+    u = torch.where(live, u, u0)
+    return s * u
 
 
 def resolve_adapter(model_or_config) -> ModelAdapter:
