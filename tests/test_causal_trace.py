@@ -4,6 +4,7 @@ resumable runs and the ``kedit trace`` command."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -57,17 +58,17 @@ def test_window_layers_follow_rome():
     assert rome_forward_count(10, 30) == 3 * (10 * 30 + 2)
 
 
-def _model(family: str):
+def _model(family: str, num_layers: int = 4):
     """A tiny float64 model; ``gemma3-wide`` is Gemma 3 with a sliding window longer than the prompt (the
     keys/values of the prefix are reused; with the tiny default window of 8 they cannot be)."""
     if family != "gemma3-wide":
-        return tiny_model(family, num_layers=4, dtype=torch.float64)
+        return tiny_model(family, num_layers=num_layers, dtype=torch.float64)
     from transformers import AutoModelForCausalLM
 
     from kedit_core.models import wrap_model
     from kedit_core.testing import test_tokenizer, tiny_config
 
-    config = tiny_config("gemma3", num_layers=4)
+    config = tiny_config("gemma3", num_layers=num_layers)
     config.sliding_window = 64
     torch.manual_seed(0)
     return wrap_model(AutoModelForCausalLM.from_config(config).double(), test_tokenizer(add_bos=True))
@@ -99,6 +100,92 @@ def test_pack_size_does_not_change_the_result():
     cells = [c for kind in KINDS for c in heatmap_cells(kind, 4, range(small.num_tokens), 2)]
     torch.testing.assert_close(small.restored_probabilities(cells), large.restored_probabilities(cells),
                                rtol=0, atol=1e-12)
+
+
+def _minimal_block_tokens(tracer, cells) -> int:
+    """(row × position) tokens summed over blocks when every cell computes from its own first block on."""
+    from kedit_core.causal_trace.engine import _cell_first_block, _cell_first_token
+
+    total = 0
+    for cell in cells:
+        if max(r.token for r in cell) < tracer.subject[0]:
+            continue
+        first = _cell_first_token(cell) if tracer._corrupted_kv is not None else 0
+        total += tracer.samples * (tracer.num_tokens - first) * (tracer.num_layers - _cell_first_block(cell))
+    return total
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt-neox", "gptj", "qwen2", "gemma3", "gemma3-wide"])
+def test_rows_joining_at_their_first_block_equal_rome_per_cell_loop(family):
+    # 6 layers; packs of about 10 cells (3 samples × ~12 positions each), spanning many first blocks, with
+    # several packs per first token
+    model = _model(family, num_layers=6)
+    L = model.adapter.num_layers
+    tracer = _tracer(model, max_tokens=400)
+    cells = [c for kind in KINDS for c in heatmap_cells(kind, L, range(tracer.num_tokens), 3)]
+    joined = tracer.restored_probabilities(cells)
+    assert tracer.row_join_fallback is None  # every family's blocks run on a subset of rows
+    torch.testing.assert_close(joined, tracer.restored_probabilities_per_cell(cells), rtol=0, atol=1e-12)
+    # no block computes a row below its cell's first changed block (the packs span several first blocks:
+    # computing every row from its pack's lowest first block costs more)
+    assert tracer.block_tokens == _minimal_block_tokens(tracer, cells)
+    tracer.row_join, tracer.block_tokens = False, 0
+    torch.testing.assert_close(tracer.restored_probabilities(cells), joined, rtol=0, atol=1e-12)
+    assert tracer.block_tokens > _minimal_block_tokens(tracer, cells)
+
+
+def test_rows_joining_compute_less_and_allow_fewer_forwards():
+    model = tiny_model("llama", num_layers=6, dtype=torch.float64)
+    runs = {}
+    for join in (False, True):
+        for max_tokens in (100, 100_000):
+            tracer = _tracer(model, max_tokens=max_tokens)
+            tracer.row_join = join
+            cells = [c for kind in KINDS for c in heatmap_cells(kind, 6, range(tracer.num_tokens), 3)]
+            before = tracer.forwards
+            probs = tracer.restored_probabilities(cells)
+            runs[join, max_tokens] = (tracer.forwards - before, tracer.block_tokens, probs)
+    minimal = _minimal_block_tokens(tracer, cells)
+    for max_tokens in (100, 100_000):
+        old, new = runs[False, max_tokens], runs[True, max_tokens]
+        torch.testing.assert_close(new[2], old[2], rtol=0, atol=1e-12)
+        assert new[0] == old[0]  # the same packs for the same budget ...
+        assert new[1] == minimal < old[1]  # ... without the blocks computed below a cell's first block
+    # the old packing pays for a larger budget in wasted blocks; joined rows do not, so the budget can grow:
+    # fewer forwards than the old engine at the small budget, and fewer block computations too
+    assert runs[False, 100_000][1] > 1.2 * runs[False, 100][1]
+    assert runs[True, 100_000][0] == tracer.num_tokens - tracer.subject[0] < runs[False, 100][0] / 3
+    assert runs[True, 100_000][1] == minimal < runs[False, 100][1]
+
+
+def test_blocks_that_cannot_run_on_a_subset_of_rows_fall_back_to_the_old_packing():
+    """A block mixing the batch's rows gives other values on a subset: found by the check, then every
+    row of a pack computes from the pack's lowest block (the same numbers as without row joins)."""
+    model = tiny_model("llama", num_layers=4, dtype=torch.float64)
+    block = model.adapter.module(model.adapter.layer_name(2))
+    original = block.forward
+
+    def mixing(hidden_states, *args, **kwargs):
+        return original(hidden_states, *args, **kwargs) + 1e-2 * hidden_states.mean(dim=0, keepdim=True)
+
+    block.forward = mixing
+    try:
+        reference = _tracer(model, max_tokens=100_000)
+        reference.row_join = False
+        cells = [c for kind in KINDS for c in heatmap_cells(kind, 4, range(reference.num_tokens), 2)]
+        expected = reference.restored_probabilities(cells)
+        tracer = _tracer(model, max_tokens=100_000)
+        with pytest.warns(RuntimeWarning, match="differs from the whole batch"):
+            probs = tracer.restored_probabilities(cells)
+        assert "block 2" in tracer.row_join_fallback
+        torch.testing.assert_close(probs, expected, rtol=0, atol=1e-12)
+        assert block.forward is mixing  # the joining wrapper is gone
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # remembered for the model: no second try
+            torch.testing.assert_close(_tracer(model, max_tokens=100_000).restored_probabilities(cells), expected,
+                                       rtol=0, atol=1e-12)
+    finally:
+        del block.forward
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

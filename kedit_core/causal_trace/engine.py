@@ -14,7 +14,12 @@ sample), restoring clean values cached from the clean run, and skips what cannot
   ``t..T-1`` only;
 * blocks below a cell's lowest restored layer compute what the corrupted run did, so a pack of cells
   replays the corrupted output of the block below its lowest layer
-  (:func:`~kedit_core.editing.forward.replaying_blocks`);
+  (:func:`~kedit_core.editing.forward.replaying_blocks`), and each row joins the computation at its own
+  cell's first changed block: below it, the row carries the corrupted run's output
+  (:func:`~kedit_core.editing.forward.joining_rows`, the block called on the rows already started), so a
+  pack spanning many first blocks computes no more than its cells would one by one. A model whose blocks
+  cannot be called on a subset of rows (found on the first try, and remembered for the model) computes
+  every row of a pack from the pack's lowest block instead;
 * only the last position's logits are computed;
 * a cell that restores only tokens before the subject restores values equal to the corrupted ones:
   its probability is the corrupted probability, without a forward pass.
@@ -25,12 +30,16 @@ Cells with the same first token are packed into forwards of at most ``max_tokens
 from __future__ import annotations
 
 import inspect
+import warnings
+import weakref
+from bisect import bisect_right
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 
-from ..editing.forward import BlockOutput, replaying_blocks
+from ..editing.forward import BlockOutput, RowJoinUnsupported, joining_rows, replaying_blocks
 from ..tracing import TraceDict, primary, replace_primary
 
 __all__ = ["KINDS", "Restore", "Cell", "window_layers", "heatmap_cells", "FactTracer", "rome_forward_count"]
@@ -79,6 +88,10 @@ def rome_forward_count(num_tokens: int, num_layers: int, num_kinds: int = len(KI
     return num_kinds * (num_tokens * num_layers + 2)
 
 
+# model (its torch module) -> why its rows cannot join the batch at their own block
+_NO_ROW_JOIN: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
 def _cell_first_token(cell: Cell) -> int:
     return min(r.token for r in cell)
 
@@ -98,12 +111,16 @@ class FactTracer:
     :param noise: ``[samples, last - first + 1, d_model]`` noise added to the subject's embeddings, one
         row per corrupted sample (the same samples for every cell, as ROME does).
     :param max_tokens: computed (row × position) tokens per batched forward.
+    :param row_join: let each row join a pack's computation at its own first block (False: every row of
+        a pack computes from the pack's lowest first block, as for a model whose blocks cannot be called
+        on a subset of rows).
 
-    ``forwards`` counts the model's forward passes.
+    ``forwards`` counts the model's forward passes, ``block_tokens`` the (row × position) tokens the
+    batched engine computes, summed over blocks.
     """
 
     def __init__(self, model, input_ids: Sequence[int], subject: tuple[int, int], answer_id: int,
-                 noise: torch.Tensor, *, max_tokens: int = 512):
+                 noise: torch.Tensor, *, max_tokens: int = 512, row_join: bool = True):
         self.model = model
         self.adapter = model.adapter
         self.device = model.device
@@ -126,7 +143,9 @@ class FactTracer:
         self.noise_full[:, self.subject[0]:self.subject[1] + 1] = self.noise
         self.answer_id = int(answer_id)
         self.max_tokens = max(1, int(max_tokens))
+        self.row_join = bool(row_join)
         self.forwards = 0
+        self.block_tokens = 0
         self.p_clean: float | None = None
         self.p_corrupted: float | None = None
         self.predicted_id: int | None = None
@@ -238,15 +257,35 @@ class FactTracer:
             step = max(1, self.max_tokens // per_cell)
             for start in range(0, len(members), step):
                 pack = members[start:start + step]
-                probs = self._run_pack([cells[i] for i in pack], first)
+                pack_cells = [cells[i] for i in pack]
+                join = self.row_join and self.model.model not in _NO_ROW_JOIN
+                try:
+                    probs = self._run_pack(pack_cells, first, join=join)
+                except RowJoinUnsupported as err:
+                    _NO_ROW_JOIN[self.model.model] = str(err)
+                    warnings.warn(f"causal tracing: rows cannot join at their own block on this model ({err}); "
+                                  "every row of a pack computes from its lowest block", RuntimeWarning, stacklevel=2)
+                    probs = self._run_pack(pack_cells, first, join=False)
                 result[pack] = probs.double()
         return result
 
-    def _run_pack(self, cells: list[Cell], first: int) -> torch.Tensor:
-        S, T = self.samples, self.num_tokens
+    @property
+    def row_join_fallback(self) -> str | None:
+        """Why this model's rows cannot join a pack at their own block (None: they can, or not tried yet)."""
+        return _NO_ROW_JOIN.get(self.model.model)
+
+    def _run_pack(self, cells: list[Cell], first: int, *, join: bool = False) -> torch.Tensor:
+        S, T, L = self.samples, self.num_tokens, self.num_layers
+        # rows sorted by their cell's first block: the rows computed at a block are a prefix of the batch
+        order = sorted(range(len(cells)), key=lambda c: _cell_first_block(cells[c]))
+        cells = [cells[c] for c in order]
         rows = len(cells) * S
         sample_of_row = torch.arange(S, device=self.device).repeat(len(cells))
-        start_block = min(_cell_first_block(c) for c in cells)
+        starts = [_cell_first_block(c) for c in cells]
+        start_block = starts[0]
+        # rows computed at each block from the pack's lowest first block on
+        active = [S * bisect_right(starts, b) for b in range(start_block, L)]
+        join = join and any(a < rows for a in active)
 
         edits: dict[str, tuple[list, list, list]] = {}
         for c, cell in enumerate(cells):
@@ -275,15 +314,25 @@ class FactTracer:
             kwargs = {self._cache_arg: DynamicCache(prefix, config=self.model.model.config), "use_cache": True}
         ids = self.ids[:, first:].expand(rows, -1)
         names = list(patches) + ([embed] if noise is not None else [])
-        with TraceDict(self.model.model, names, retain_output=False, edit_output=restore):
-            if start_block == 0:
-                logits = self._forward(ids, **kwargs).logits
-            else:
+        with TraceDict(self.model.model, names, retain_output=False, edit_output=restore), ExitStack() as stack:
+            if start_block > 0:
                 below = start_block - 1
                 replayed = self._corrupted_blocks[below].hidden[sample_of_row, first:]
-                with replaying_blocks(self.model, below, self._corrupted_blocks[below], replayed):
-                    logits = self._forward(ids, **kwargs).logits
-        return self._answer_probabilities(logits).view(len(cells), S).mean(dim=1)
+                stack.enter_context(replaying_blocks(self.model, below, self._corrupted_blocks[below], replayed))
+            if join:
+                partial = [(b, a) for b, a in zip(range(start_block, L), active) if a < rows]
+
+                def carried(block: int, keep: int) -> torch.Tensor:
+                    return self._corrupted_blocks[block].hidden[sample_of_row[keep:], first:]
+
+                stack.enter_context(joining_rows(self.model, [b for b, _ in partial], [a for _, a in partial], rows,
+                                                 carried, self._corrupted_blocks))
+            logits = self._forward(ids, **kwargs).logits
+        self.block_tokens += (sum(active) if join else rows * (L - start_block)) * (T - first)
+        probs = self._answer_probabilities(logits).view(len(cells), S).mean(dim=1)
+        out = torch.empty_like(probs)
+        out[order] = probs
+        return out
 
     @torch.no_grad()
     def restored_probabilities_per_cell(self, cells: Sequence[Cell]) -> torch.Tensor:

@@ -7,17 +7,27 @@ unchanged, costing nothing), so later forwards only run the layers above. The bl
 swapped on the instances for the duration of a ``with`` block and restored afterwards (also on
 error); forward hooks keep working, so a :class:`~kedit_core.tracing.TraceDict` ``edit_output`` on the
 replayed block still applies.
+
+:func:`joining_rows` goes one step further for a batch whose rows start changing at different blocks
+(rows sorted by the block where they start): block ``b`` computes only the first ``active[b]`` rows and
+returns the cached output for the others, so each row joins the computation at its own block. The block
+is called on a slice of its arguments (the tensors whose leading dimension is the batch, and a copy of
+a transformers cache whose layers hold the sliced keys and values); the first call of each block in each
+argument layout is checked against the block on every row, and a block that cannot be called on a
+subset raises :class:`RowJoinUnsupported` (callers fall back to computing every row).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import copy
+import weakref
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from ..tracing import TraceDict, primary, replace_primary
 
-__all__ = ["block_output", "replaying_blocks", "BlockOutput"]
+__all__ = ["block_output", "replaying_blocks", "BlockOutput", "joining_rows", "RowJoinUnsupported"]
 
 
 class BlockOutput:
@@ -69,3 +79,118 @@ def replaying_blocks(model, layer: int, cached: BlockOutput, hidden: torch.Tenso
                 block.__dict__.pop("forward", None)
             else:
                 block.forward = previous
+
+
+class RowJoinUnsupported(Exception):
+    """A block cannot be called on a subset of the batch's rows (an argument that cannot be sliced, an
+    error, or an output that differs from the same rows computed with the whole batch)."""
+
+
+# block module -> the argument layouts (which arguments are sliced) already checked on it
+_CHECKED: "weakref.WeakKeyDictionary[torch.nn.Module, set]" = weakref.WeakKeyDictionary()
+# relative tolerance of the check (against the largest output magnitude), by dtype (float32 allows for
+# TF32 matrix products, whose rounding may depend on the batch size); 3e-2 for half precision
+_CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3}
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _cache_type():
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return ()
+    return Cache
+
+
+def _slice_rows(value: Any, rows: int, keep: int, path: str, sliced: list[str], cache_type) -> Any:
+    """``value`` (a block argument) with its leading batch dimension of ``rows`` cut to the first ``keep``;
+    records the sliced paths. Raises :class:`RowJoinUnsupported` for what it cannot read."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 2 and value.shape[0] == rows:
+            sliced.append(path)
+            return value[:keep]
+        return value  # broadcast over rows ([1, ...]) or not per row (1-d positions, scalars)
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_slice_rows(v, rows, keep, f"{path}[{i}]", sliced, cache_type) for i, v in enumerate(value))
+    if isinstance(value, dict):
+        return {k: _slice_rows(v, rows, keep, f"{path}.{k}", sliced, cache_type) for k, v in value.items()}
+    if cache_type and isinstance(value, cache_type) and isinstance(getattr(value, "layers", None), list):
+        sub = copy.copy(value)  # same class: isinstance checks and per-layer attributes still hold
+        sub.layers = []
+        for i, layer in enumerate(value.layers):
+            if getattr(layer, "is_compileable", False):  # a static layer writes into its tensors in place
+                raise RowJoinUnsupported(f"cache layer of type {type(layer).__name__}")
+            part = copy.copy(layer)
+            for name, tensor in vars(layer).items():
+                if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[0] == rows:
+                    setattr(part, name, tensor[:keep])
+                    sliced.append(f"{path}.layers[{i}].{name}")
+                elif isinstance(tensor, torch.Tensor) and tensor.dim() >= 1 and tensor.shape[0] == rows:
+                    raise RowJoinUnsupported(f"cache layer attribute {name} of shape {tuple(tensor.shape)}")
+            sub.layers.append(part)
+        return sub
+    raise RowJoinUnsupported(f"block argument {path} of type {type(value).__name__}")
+
+
+@contextlib.contextmanager
+def joining_rows(model, blocks: Sequence[int], active: Sequence[int], rows: int,
+                 carried: Callable[[int, int], torch.Tensor], cached: Sequence[BlockOutput]) -> Iterator[None]:
+    """Within the block, each block ``blocks[i]`` of ``model`` computes only the first ``active[i]`` of
+    the batch's ``rows`` rows (``0 < active[i] < rows``); the other rows of its output are
+    ``carried(block, active[i])`` (``[rows - active[i], ...]``), returned in the structure of
+    ``cached[block]``. Rows must be ordered by the block where they start, so that the rows computed at a
+    block are the first ones.
+
+    A block that cannot run on a subset of rows (an argument it cannot slice, an error, an output unlike
+    the same rows of the whole batch) raises :class:`RowJoinUnsupported` during the forward. Caches are
+    sliced as copies whose layers hold views of the keys and values (layers that write into their
+    tensors in place, such as static caches, are refused).
+    """
+    adapter = model.adapter
+    cache_type = _cache_type()
+    modules = [adapter.module(adapter.layer_name(b)) for b in blocks]
+    saved = [m.__dict__.get("forward", None) for m in modules]
+
+    def joined(module, original, block: int, keep: int):
+        def forward(*args, **kwargs):
+            sliced: list[str] = []
+            sub_args = _slice_rows(args, rows, keep, "args", sliced, cache_type)
+            sub_kwargs = _slice_rows(kwargs, rows, keep, "kwargs", sliced, cache_type)
+            first = args[0] if args else kwargs.get("hidden_states")
+            if not isinstance(first, torch.Tensor) or first.dim() < 2 or first.shape[0] != rows:
+                raise RowJoinUnsupported(f"block {block}: no hidden states of {rows} rows among its arguments")
+            try:
+                raw = original(*sub_args, **sub_kwargs)
+                hidden = primary(raw)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # the block cannot run on a subset of rows
+                raise RowJoinUnsupported(f"block {block} on a subset of rows: {type(err).__name__}: {err}") from err
+            if hidden.dim() < 1 or hidden.shape[0] != keep:
+                raise RowJoinUnsupported(f"block {block} returned {tuple(hidden.shape)} for {keep} rows")
+            layout = tuple(sliced)
+            checked = _CHECKED.setdefault(module, set())
+            if layout not in checked:  # once per block and layout: the subset equals the rows of the whole
+                whole = primary(original(*args, **kwargs))[:keep]
+                scale = float(whole.abs().max()) or 1.0
+                error = float((hidden - whole).abs().max())
+                if not error <= _CHECK_TOLERANCE.get(hidden.dtype, 3e-2) * scale:
+                    raise RowJoinUnsupported(f"block {block} on a subset of rows differs from the whole batch "
+                                             f"by {error:.3g} (largest value {scale:.3g})")
+                checked.add(layout)
+            full = torch.cat([hidden, carried(block, keep).to(hidden.dtype)])
+            return cached[block].structured(full)
+        return forward
+
+    try:
+        for module, block, keep in zip(modules, blocks, active):
+            module.forward = joined(module, module.forward, block, keep)
+        yield
+    finally:
+        for module, previous in zip(modules, saved):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
