@@ -143,6 +143,11 @@ def test_the_real_models_get_their_swept_settings():
     assert emmet.default_hparams(smollm2).layers == [5, 6, 7, 8, 9]
     assert memit.default_hparams(smollm2).v_num_grad_steps == 15
     assert alphaedit.default_hparams(smollm2).layers == SMOLLM2_MEMIT_LAYERS
+    gemma3 = fake_model("Gemma3TextConfig", **GEMMA3)
+    gemma_memit = memit.default_hparams(gemma3)
+    # the post-norm sweep's choice: Gemma's large residual stream needs a larger value step than the published 0.5
+    assert gemma_memit.layers == [4, 5, 6, 7, 8] and gemma_memit.mom2_update_weight == 4000
+    assert gemma_memit.v_lr == 2.0 and gemma_memit.v_loss_layer == 17
     # a Llama of another size does not get SmolLM2's settings
     other = fake_model("LlamaConfig", **{**SMOLLM2, "num_hidden_layers": 24})
     assert memit.default_hparams(other).mom2_update_weight != SMOLLM2_MEMIT_LAMBDA
