@@ -28,18 +28,29 @@ import torch
 from ..atomic import write_bytes_atomic, write_json_atomic
 from ..editing.positions import encode_prompts
 from ..errors import KeditError
-from ..text import default_score_tokens, encode_target
+from ..text import encode_target
 from .engine import KINDS, FactTracer, heatmap_cells, rome_forward_count
 from .facts import TracedFact
 
-__all__ = ["TraceSettings", "subject_embedding_std", "fact_noise", "trace_fact", "average_effects", "summarise",
-           "suggest_layers", "run_trace", "MODES", "FACT_DIR", "HEATMAP_DIR", "SUMMARY_FILE", "CURVES_PNG"]
+__all__ = ["TraceSettings", "TRACE_TOKENS", "default_trace_tokens", "subject_embedding_std", "fact_noise",
+           "trace_fact", "average_effects", "summarise", "suggest_layers", "run_trace", "MODES", "FACT_DIR",
+           "HEATMAP_DIR", "SUMMARY_FILE", "CURVES_PNG"]
 
 MODES = ("batched", "per_cell")
 FACT_DIR, HEATMAP_DIR = "facts", "heatmaps"
 SETTINGS_FILE, SUMMARY_FILE, CURVES_PNG = "settings.json", "trace.json", "average_effects.png"
 # Where the average curves are read: the subject's last token (ROME's Fig. 2) and the prompt's last token.
 POSITIONS = ("subject_last", "last")
+
+# Computed (row x position) tokens per batched forward when none is given. Rows join a pack at their own
+# block (engine.joining_rows), so a larger pack costs no extra block computations: it only saves forward
+# passes (CPU timings of the budgets: bench/results/trace/pack_budget_cpu.json).
+TRACE_TOKENS = {"cpu": 2048, "cuda": 8192}
+
+
+def default_trace_tokens(device) -> int:
+    """The pack budget :func:`trace_fact` uses on ``device`` when ``max_tokens`` is not set."""
+    return TRACE_TOKENS.get(torch.device(device).type, 4096)
 
 
 @dataclass(frozen=True)
@@ -122,7 +133,7 @@ def trace_fact(model, fact: TracedFact, settings: TraceSettings, noise_scale: fl
     num_layers, num_tokens = model.adapter.num_layers, len(ids)
     noise = fact_noise(settings.seed, fact.index, settings.samples, last - first + 1, model.adapter.hidden_size,
                        noise_scale)
-    max_tokens = settings.max_tokens or default_score_tokens(model.device)
+    max_tokens = settings.max_tokens or default_trace_tokens(model.device)
     tracer = FactTracer(model, ids, (first, last), answer_id, noise, max_tokens=max_tokens)
     p_clean, predicted = tracer.run_clean()
     record = {**fact.to_dict(), "prompt": fact.prompt,

@@ -33,6 +33,7 @@ def test_adapter_and_facts(gemma3):
 
 def test_one_memit_edit_flips_the_answer(gemma3):
     from kedit_core.demo import DEMO_CORPUS
+    from kedit_core.editors import get_editor
     from kedit_core.requests import EditRequest
     from kedit_core.stats import CachedCovariance
 
@@ -40,8 +41,9 @@ def test_one_memit_edit_flips_the_answer(gemma3):
     context = kedit.EditContext(seed=0, progress=False, stats=CachedCovariance(DEMO_CORPUS, None, tokens=3000,
                                                                                 progress=False))
     before = gemma3.fingerprint()
-    result = kedit.compute_edit(gemma3, [request], "memit", context=context, layers=[4, 5, 6, 7, 8],
-                                mom2_update_weight=2000, v_num_grad_steps=25)
+    shipped = get_editor("memit").default_hparams(gemma3)
+    assert shipped.layers == [4, 5, 6, 7, 8] and shipped.v_lr == 2.0
+    result = kedit.compute_edit(gemma3, [request], "memit", context=context)  # with the shipped settings
     with result.deltas.apply(gemma3.model):
         after = greedy_completions(gemma3.model, gemma3.tokenizer, [request.filled_prompt])[0]
     assert after.strip().startswith("Germany"), after
