@@ -43,9 +43,10 @@ SETTINGS_FILE, SUMMARY_FILE, CURVES_PNG = "settings.json", "trace.json", "averag
 POSITIONS = ("subject_last", "last")
 
 # Computed (row x position) tokens per batched forward when none is given. Rows join a pack at their own
-# block (engine.joining_rows), so a larger pack costs no extra block computations: it only saves forward
-# passes (CPU timings of the budgets: bench/results/trace/pack_budget_cpu.json).
-TRACE_TOKENS = {"cpu": 2048, "cuda": 8192}
+# block (engine.joining_rows), so a larger pack costs no extra block computations, only fewer forward
+# passes; on CPU the larger matrices are slower per token (bench/results/trace/pack_budget_cpu.json: one
+# SmolLM2 fact, 512 tokens 112 s / 71 forwards, 2048 tokens 124 s / 22 forwards), so CPU keeps 512.
+TRACE_TOKENS = {"cpu": 512, "cuda": 8192}
 
 
 def default_trace_tokens(device) -> int:

@@ -52,7 +52,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
     parser.add_argument("--batch-tokens", type=int,
-                        help="computed tokens per batched forward (default: 2048 on CPU, 8192 on CUDA)")
+                        help="computed tokens per batched forward (default: 512 on CPU, 8192 on CUDA)")
     parser.add_argument("--per-cell", action="store_true",
                         help="ROME's reference loop: one forward pass per heatmap cell (slow)")
     parser.add_argument("--no-heatmaps", action="store_true", help="do not draw a PNG per fact")
