@@ -74,11 +74,16 @@ def replaying_blocks(model, layer: int, cached: BlockOutput, hidden: torch.Tenso
             block.forward = replay if i == layer else passthrough
         yield
     finally:
-        for block, previous in zip(blocks, saved):
-            if previous is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = previous
+        _restore_forwards(blocks, saved)
+
+
+def _restore_forwards(modules, saved) -> None:
+    """Put back each module's instance-level ``forward`` as it was (``None``: the class's own)."""
+    for module, previous in zip(modules, saved):
+        if previous is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = previous
 
 
 class RowJoinUnsupported(Exception):
@@ -189,8 +194,4 @@ def joining_rows(model, blocks: Sequence[int], active: Sequence[int], rows: int,
             module.forward = joined(module, module.forward, block, keep)
         yield
     finally:
-        for module, previous in zip(modules, saved):
-            if previous is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
+        _restore_forwards(modules, saved)
