@@ -10,7 +10,8 @@ WikiText tokens (kedit's statistics cache). Each run's full report (``metrics.js
 ``metrics.png``, ...) goes to ``OUT/<model>/<dataset>/``; finished phases are kept there, so a run cut
 short resumes. The summary (``OUT/quality.json``, ``quality.md``, ``quality.png``) holds every headline
 metric before and after, the goals and whether each is met, the resolved hyper-parameters, seeds, seconds
-and the machine's load.
+and the machine's load. Models already in the summary and not named by ``--models`` are kept (same method
+only), each with the command that produced it, so one model can be run (or re-run) at a time.
 """
 from __future__ import annotations
 
@@ -75,12 +76,23 @@ def main(argv=None) -> int:
                "c0": {"corpus": args.corpus, "tokens": args.tokens},
                "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                            "cpu_count": os.cpu_count()}, "models": {}}
+    names = [m for m in args.models.split(",") if m]
+    previous_path = args.out / "quality.json"
+    if previous_path.exists():
+        previous = json.loads(previous_path.read_text(encoding="utf-8"))
+        if previous.get("method") == args.method:
+            for name, entry in previous.get("models", {}).items():
+                if name not in names:
+                    entry.setdefault("command", previous.get("command"))
+                    entry.setdefault("machine", previous.get("machine"))
+                    summary["models"][name] = entry
     plan_runs = [("counterfact", args.counterfact, [int(x) for x in args.cf_sizes.split(",") if x]),
                  ("zsre", args.zsre, [int(x) for x in args.zsre_sizes.split(",") if x])]
-    for name in [m for m in args.models.split(",") if m]:
+    for name in names:
         model = kedit.load_model(name, device="cpu")
         stats = CachedCovariance(args.corpus, None, tokens=args.tokens, progress=True)
-        entry = {"fingerprint": model.fingerprint(), "source": model.source, "runs": []}
+        entry = {"fingerprint": model.fingerprint(), "source": model.source, "command": command,
+                 "machine": summary["machine"], "overrides": overrides, "runs": []}
         summary["models"][name] = entry
         for dataset, path, sizes in plan_runs:
             if not sizes:
@@ -121,7 +133,9 @@ def main(argv=None) -> int:
 
 
 def table(summary: dict) -> str:
-    lines = [f"{summary['method']} with the shipped defaults; `{summary['command']}`", "",
+    commands = "; ".join(f"{name}: `{entry.get('command', summary['command'])}`"
+                         for name, entry in summary["models"].items())
+    lines = [f"{summary['method']} with the shipped defaults; {commands}", "",
              "| model | data | edits | ES | PS | NS | Score | efficacy | paraphrase | specificity | goals |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in summary["models"].items():
