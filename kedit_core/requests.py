@@ -242,7 +242,7 @@ def load_requests(path: str | Path, fmt: str = "auto", *, limit: int | None = No
 def check_conflicts(requests: Sequence[EditRequest]) -> list[str]:
     """Raise :class:`EditConflictError` for two requests with the same subject and prompt but different
     targets (naming both); return warnings for exact duplicates and for one subject edited through
-    different prompts, whose MEMIT keys collide."""
+    different prompts with the same words before the subject, whose MEMIT keys collide."""
     seen: dict[tuple[str, str], int] = {}
     by_subject: dict[str, set[str]] = {}
     warnings = []
@@ -259,9 +259,12 @@ def check_conflicts(requests: Sequence[EditRequest]) -> list[str]:
                 f"{req.subject!r} and prompt {req.prompt!r} to different targets: "
                 f"{requests[j].target_new!r} vs {req.target_new!r}")
         seen.setdefault(key, i)
-        by_subject.setdefault(req.subject, set()).add(req.prompt)
-    for subject, prompts in by_subject.items():
+        # the key is read at the subject's last token, so it sees only the words before the subject:
+        # prompts that share those words give the same key ("{} plays", "{} was born in")
+        by_subject.setdefault((req.subject, req.prompt.split("{}")[0]), set()).add(req.prompt)
+    for (subject, _), prompts in by_subject.items():
         if len(prompts) > 1:
-            warnings.append(f"subject {subject!r} is edited through {len(prompts)} different prompts in one batch; "
-                            "their keys coincide at the subject's last token, so the edits compete")
+            warnings.append(f"subject {subject!r} is edited through {len(prompts)} different prompts in one batch that "
+                            "share the words before it; their keys coincide at the subject's last token, so the "
+                            "edits compete")
     return warnings

@@ -83,3 +83,6 @@ def test_conflicts():
         check_conflicts([a, c, b])
     warnings = check_conflicts([a, c])
     assert len(warnings) == 1 and "LeBron James" in warnings[0]
+    # the words before the subject differ: different keys, no warning (zsRE questions)
+    d = EditRequest("Which sport does {} play?", "LeBron James", "football")
+    assert check_conflicts([a, d]) == []
