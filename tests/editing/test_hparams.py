@@ -141,7 +141,8 @@ def test_the_real_models_get_their_swept_settings():
     assert rome.default_hparams(smollm2).layers == [7]
     assert get_editor("r-rome").default_hparams(smollm2).layers == [7]
     assert emmet.default_hparams(smollm2).layers == [5, 6, 7, 8, 9]
-    assert memit.default_hparams(smollm2).v_num_grad_steps == 15
+    assert memit.default_hparams(smollm2).v_num_grad_steps == 40  # zsRE needs them (memit-zsre-steps)
+    assert memit.default_hparams(smollm2).clamp_norm_factor == 1.5
     assert alphaedit.default_hparams(smollm2).layers == SMOLLM2_MEMIT_LAYERS
     gemma3 = fake_model("Gemma3TextConfig", **GEMMA3)
     gemma_memit = memit.default_hparams(gemma3)
