@@ -149,6 +149,10 @@ def test_the_real_models_get_their_swept_settings():
     # the post-norm sweep's choice: Gemma's large residual stream needs a larger value step than the published 0.5
     assert gemma_memit.layers == [4, 5, 6, 7, 8] and gemma_memit.mom2_update_weight == 4000
     assert gemma_memit.v_lr == 2.0 and gemma_memit.v_loss_layer == 17
+    # EMMET and AlphaEdit optimise the same values at the same layers (their own sweeps: emmet/, alphaedit/)
+    for editor in (emmet, alphaedit):
+        hp = editor.default_hparams(gemma3)
+        assert hp.layers == [4, 5, 6, 7, 8] and hp.v_lr == 2.0 and hp.v_loss_layer == 17, editor.name
     # a Llama of another size does not get SmolLM2's settings
     other = fake_model("LlamaConfig", **{**SMOLLM2, "num_hidden_layers": 24})
     assert memit.default_hparams(other).mom2_update_weight != SMOLLM2_MEMIT_LAMBDA
