@@ -153,6 +153,9 @@ def test_the_real_models_get_their_swept_settings():
     for editor in (emmet, alphaedit):
         hp = editor.default_hparams(gemma3)
         assert hp.layers == [4, 5, 6, 7, 8] and hp.v_lr == 2.0 and hp.v_loss_layer == 17, editor.name
+    for editor in (rome, get_editor("r-rome")):
+        hp = editor.default_hparams(gemma3)
+        assert hp.layers == [3] and hp.clamp_norm_factor == 0.75 and hp.v_lr == 2.0, editor.name
     # a Llama of another size does not get SmolLM2's settings
     other = fake_model("LlamaConfig", **{**SMOLLM2, "num_hidden_layers": 24})
     assert memit.default_hparams(other).mom2_update_weight != SMOLLM2_MEMIT_LAMBDA
