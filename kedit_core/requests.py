@@ -244,7 +244,7 @@ def check_conflicts(requests: Sequence[EditRequest]) -> list[str]:
     targets (naming both); return warnings for exact duplicates and for one subject edited through
     different prompts with the same words before the subject, whose MEMIT keys collide."""
     seen: dict[tuple[str, str], int] = {}
-    by_subject: dict[str, set[str]] = {}
+    by_subject: dict[tuple[str, str], set[str]] = {}  # (subject, words before it) -> prompts
     warnings = []
     for i, req in enumerate(requests):
         key = (req.subject, req.prompt)
