@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -227,9 +228,14 @@ def run_evaluation(model: LoadedModel, cases: Sequence, fmt: str, *, plan: EditP
         if post is not None:
             say(f"{n} edits: reusing {run_path}")
         else:
+            # the editor keeps its finished pieces of work (MEMIT's value batches) here, so a run cut short
+            # during the edit resumes it; once the phase is saved they are no longer needed
+            work_dir = None if partial is None else partial / f"work_{n}"
             post = _edit_and_evaluate(model, subset, fmt, plan, hparams_obj, deltas_file, settings, references, tfidf,
-                                      base_fingerprint, say)
+                                      base_fingerprint, say, work_dir=work_dir)
             _save_phase(run_path, run_key, post)
+            if work_dir is not None:
+                shutil.rmtree(work_dir, ignore_errors=True)
         runs.append(_run_entry(fmt, n, pre["records"][:n], post,
                                {"eval_pre": pre["seconds"] * n / len(evaluated), **post["timings"]}))
 
@@ -246,14 +252,14 @@ def run_evaluation(model: LoadedModel, cases: Sequence, fmt: str, *, plan: EditP
 
 
 def _edit_and_evaluate(model, subset, fmt, plan, hparams_obj, deltas_file, settings, references, tfidf,
-                       base_fingerprint, say) -> dict:
+                       base_fingerprint, say, work_dir=None) -> dict:
     n = len(subset)
     timings: dict = {}
     start = time.perf_counter()
     if deltas_file is None:
         say(f"{n} edits: computing with '{plan.method}' (seed {plan.seed})")
         context = EditContext(seed=plan.seed, progress=settings.progress, stats=plan.stats,
-                              context_templates=plan.context_templates, log=say)
+                              context_templates=plan.context_templates, log=say, work_dir=work_dir)
         result = compute_edit(model, [c.request for c in subset], plan.method, hparams_obj, context=context)
         deltas = result.deltas
         timings["editor_phases"] = dict(result.timings)

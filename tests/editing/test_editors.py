@@ -109,9 +109,10 @@ def test_conflicting_requests_are_an_error_naming_both(gpt2):
 
 
 def test_same_subject_different_relations_is_a_warning(gpt2):
+    """Both prompts put the subject first, so the key at its last token is the same for both edits."""
     model, cov = gpt2
-    requests = [EditRequest("The capital city of {}", "France", "Berlin"),
-                EditRequest("The language spoken in {}", "France", "Japanese")]
+    requests = [EditRequest("{} has its capital in", "France", "Berlin"),
+                EditRequest("{} has the official language", "France", "Japanese")]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = run(model, cov, "memit", requests, layers=[2], v_num_grad_steps=3)

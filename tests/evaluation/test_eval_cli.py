@@ -161,3 +161,37 @@ def test_run_evaluation_restores_weights_even_when_a_phase_fails(gpt2, nudge_edi
     with pytest.raises(Exception, match="exactly one"):
         EditPlan()
     assert GenerationSettings().max_length == 100
+
+
+def test_an_evaluation_cut_short_after_the_edit_resumes_its_values(tmp_path, gpt2, counterfact_path, monkeypatch):
+    """MEMIT's value batches are kept under partial/work_<n> while the edit runs: a run that dies after the
+    edit (here: in the post-edit evaluation) loads them on the next try instead of optimising again, and the
+    folder is gone once the phase is saved."""
+    from kedit_core.evaluation import harness
+    from kedit_core.stats import InMemoryCovariance
+
+    _, cases = load_cases(counterfact_path, limit=2)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1024, gpt2.adapter.key_size, generator=g)
+    stats = InMemoryCovariance({1: keys.T @ keys / keys.shape[0]})
+    plan = EditPlan(method="memit", stats=stats, context_templates=[["{}"]],
+                    overrides={"layers": [1], "v_num_grad_steps": 3, "mom2_update_weight": 1.0})
+    settings = EvalSettings(generation=False, progress=False)
+    out = tmp_path / "eval"
+    real = harness.evaluate_cases
+    calls = []
+
+    def failing_after_edit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed during the post-edit evaluation")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "evaluate_cases", failing_after_edit)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_evaluation(gpt2, cases, "counterfact", plan=plan, sizes=[2], settings=settings, out_dir=out)
+    assert list((out / "partial" / "work_2").rglob("*")), "the finished value batches were not kept"
+    result = run_evaluation(gpt2, cases, "counterfact", plan=plan, sizes=[2], settings=settings, out_dir=out)
+    resumed = result["runs"][0]["editor_info"]["values_resumed"]
+    assert resumed["batches_loaded"] >= 1 and resumed["batches_computed"] == 0
+    assert not (out / "partial" / "work_2").exists()
