@@ -193,6 +193,29 @@ def fit_prompt(prompt_ids: Sequence[int], room: int, *, keep_first: bool = False
     return prompt_ids[len(prompt_ids) - room:]
 
 
+def _shared_prefix_carriers(p_ids: Sequence[Sequence[int]], t_ids: Sequence[Sequence[int]]
+                            ) -> tuple[list[int], dict[int, list[int]]]:
+    """Which pairs' sequences must run so that every pair can be scored from one of them.
+
+    A causal model's logits at a position depend only on the tokens before it, so the run of
+    ``prompt + s`` also scores, after the same prompt, any target ``t`` no longer than ``s`` whose tokens
+    before its last are a prefix of ``s`` (every single-token target, for one). CounterFact scores each
+    prompt with the new and the true object: most of its pairs need no pass of their own. Returns the
+    carrier pairs in input order and, for each, the pairs it scores (itself included)."""
+    members: dict[int, list[int]] = {}
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i in sorted(range(len(p_ids)), key=lambda i: (-len(t_ids[i]), i)):
+        target = list(t_ids[i])
+        for c in by_prompt.get(tuple(p_ids[i]), ()):
+            if list(t_ids[c][:len(target) - 1]) == target[:-1]:
+                members[c].append(i)
+                break
+        else:
+            by_prompt.setdefault(tuple(p_ids[i]), []).append(i)
+            members[i] = [i]
+    return sorted(members), members
+
+
 def supports_logits_to_keep(model) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (compute the vocabulary projection only where
     asked)."""
@@ -231,8 +254,11 @@ def score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
 
     Pairs are tokenised once (repeated prompts and targets are encoded once), sorted by length and run
     in right-padded batches of at most ``max_tokens`` padded tokens (``max_batch`` rows; default
-    :func:`default_score_tokens` for the model's device), so short prompts are not padded to long ones. ``max_batch=1`` scores one pair per forward pass. ``model`` is
-    the Hugging Face module (``LoadedModel.model``). Returns one :class:`TargetScore` per pair, in order.
+    :func:`default_score_tokens` for the model's device), so short prompts are not padded to long ones.
+    Pairs with the same prompt share a pass where they can (:func:`_shared_prefix_carriers`), and a
+    sequence stops before its target's last token. ``max_batch=1`` runs one sequence per forward pass.
+    ``model`` is the Hugging Face module (``LoadedModel.model``). Returns one :class:`TargetScore` per
+    pair, in order.
     """
     from tqdm.auto import tqdm
 
@@ -259,7 +285,9 @@ def score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
         if cut:
             warnings.warn(f"{cut} prompt(s) with their targets are longer than the model's context of {context} "
                           "tokens; they were cut from the left", stacklevel=2)
-    lengths = [len(p) + len(t) for p, t in zip(p_ids, t_ids)]
+    carriers, members = _shared_prefix_carriers(p_ids, t_ids)
+    # a sequence stops before its target's last token: the logits there would predict nothing scored
+    lengths = [len(p_ids[c]) + len(t_ids[c]) - 1 for c in carriers]
     device = next(model.parameters()).device
     max_tokens = max_tokens or default_score_tokens(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -267,16 +295,25 @@ def score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
     select = supports_logits_to_keep(model)
     with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
         for index in batches_by_tokens(lengths, max_tokens, max_batch=max_batch):
-            batch = collate_prompt_targets([p_ids[i] for i in index], [t_ids[i] for i in index],
-                                           pad_id=pad_id).to(device)
-            logits = labelled_logits(model, batch, select=select)
-            labels = batch.labels[batch.labels != IGNORE]
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-            argmax = logits.argmax(-1)
-            logp, argmax = logp.cpu().tolist(), argmax.cpu().tolist()
+            rows = [carriers[k] for k in index]
+            batch = collate_prompt_targets([p_ids[c] for c in rows], [t_ids[c] for c in rows], pad_id=pad_id,
+                                           include_last_target_token=False).to(device)
+            logits = labelled_logits(model, batch, select=select)  # [labels, vocab], row-major
+            positions, tokens, spans = [], [], []
             start = 0
-            for i, n in zip(index, batch.target_lengths):
-                results[i] = TargetScore(tuple(t_ids[i]), tuple(logp[start:start + n]), tuple(argmax[start:start + n]))
+            for c, n in zip(rows, batch.target_lengths):
+                for i in members[c]:
+                    spans.append((i, start, len(positions)))
+                    positions.extend(range(start, start + len(t_ids[i])))
+                    tokens.extend(t_ids[i])
                 start += n
-            bar.update(len(index))
+            where = torch.tensor(positions, device=logits.device)
+            logp = torch.log_softmax(logits[where].float(), dim=-1)
+            logp = logp.gather(-1, torch.tensor(tokens, device=logits.device).unsqueeze(-1)).squeeze(-1).cpu().tolist()
+            argmax = logits.argmax(-1).cpu().tolist()
+            for i, carrier_start, at in spans:
+                n = len(t_ids[i])
+                results[i] = TargetScore(tuple(t_ids[i]), tuple(logp[at:at + n]),
+                                         tuple(argmax[carrier_start:carrier_start + n]))
+            bar.update(len(spans))
     return results  # type: ignore[return-value]

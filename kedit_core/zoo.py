@@ -220,6 +220,38 @@ def _write_checkpoint(model, tokenizer, directory: Path, source: dict) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within one conversion, one parse of each GGUF file and one tensor-name map per architecture.
+
+    transformers parses the file again for the tokenizer, for each read of the config and for the weights
+    (each parse walks SmolLM2's ~300k vocabulary and merge strings), and rebuilds gguf's tensor-name map for
+    every module of the model; most of a cold load went there. Both objects are only read during the
+    conversion, so one of each serves every call; the originals are restored afterwards."""
+    import gguf
+
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+    name_maps: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    def name_map(arch, n_blocks):
+        if (arch, n_blocks) not in name_maps:
+            name_maps[arch, n_blocks] = real_name_map(arch, n_blocks)
+        return name_maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_name_map
+
+
 def _dequantize(gguf: Path):
     """(model, tokenizer) read from a GGUF file, as float32; one-line errors naming the file."""
     import torch
@@ -232,8 +264,9 @@ def _dequantize(gguf: Path):
     if importlib.util.find_spec("gguf") is None:
         raise KeditError(f"{gguf}: reading GGUF files needs the `gguf` package: pip install gguf")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with _gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # gguf/transformers raise many types for truncated or foreign files
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KeditError(f"{gguf}: not a GGUF language model transformers can read ({detail[:300]})") from None

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kedit_core.text import (IGNORE, PromptTargetBatch, collate_prompt_targets, encode, encode_target, labelled_logits,
+from kedit_core.text import (IGNORE, PromptTargetBatch, _shared_prefix_carriers, collate_prompt_targets, encode, encode_target, labelled_logits,
                              prompt_target_batch, score_targets)
 
 PROMPTS = ["The mother tongue of Danielle Darrieux is", "Paris is the capital of", "Toko Yasuda, the",
@@ -51,8 +51,37 @@ def test_vocabulary_projection_runs_only_on_target_positions(gpt2):
         score_targets(gpt2.model, gpt2.tokenizer, PROMPTS, TARGETS)
     finally:
         hook.remove()
-    n_target_tokens = sum(len(encode_target(gpt2.tokenizer, t)) for t in TARGETS)
-    assert sum(s[0] for s in seen) == n_target_tokens and all(len(s) == 2 for s in seen)
+    # one row per target token of the sequences run (a pair scored from another's pass adds none)
+    t_ids = [encode_target(gpt2.tokenizer, t) for t in TARGETS]
+    carriers, _ = _shared_prefix_carriers([encode(gpt2.tokenizer, p) for p in PROMPTS], t_ids)
+    assert sum(s[0] for s in seen) == sum(len(t_ids[c]) for c in carriers) and all(len(s) == 2 for s in seen)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_targets_after_one_prompt_share_its_pass_and_score_as_alone(family, request):
+    """CounterFact scores every prompt with two objects: a target whose tokens before its last are a prefix
+    of another target of the same prompt is read from that one's pass, with the scores of its own."""
+    m = request.getfixturevalue(family)
+    prompts = ["Paris is the capital of"] * 5 + ["Rome is in"] * 2
+    targets = [" France and Navarre", " France", " France and", " Spain", " France or", " Italy", " Italy"]
+    t_ids = [encode_target(m.tokenizer, t) for t in targets]
+    carriers, members = _shared_prefix_carriers([encode(m.tokenizer, p) for p in prompts], t_ids)
+    assert len(carriers) < len(prompts) and sorted(i for c in carriers for i in members[c]) == list(range(7))
+    for c in carriers:
+        for i in members[c]:
+            assert prompts[i] == prompts[c] and t_ids[c][:len(t_ids[i]) - 1] == t_ids[i][:-1]
+    forwards = []
+    hook = m.model.register_forward_pre_hook(lambda mod, args, kwargs: forwards.append(kwargs["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    try:
+        scores = score_targets(m.model, m.tokenizer, prompts, targets, max_batch=1)
+    finally:
+        hook.remove()
+    assert sum(forwards) == len(carriers)
+    for prompt, target, score in zip(prompts, targets, scores):
+        logprobs, argmax, ids = plain_scores(m, prompt, target)
+        assert score.target_ids == tuple(ids) and list(score.argmax_ids) == argmax
+        assert score.logprobs == pytest.approx(logprobs, abs=1e-4)
 
 
 def test_batches_respect_the_token_budget(gpt2):

@@ -164,3 +164,25 @@ def toy_subject(toy) -> str:
     from kedit_core import toyworld
 
     return toyworld.load_world(toy.source).subjects[0]
+
+
+def test_a_conversion_parses_each_gguf_file_once_and_restores_gguf(tmp_path):
+    """transformers parses the file for the tokenizer, each config read and the weights; inside
+    ``_gguf_parsed_once`` those calls share one reader (and one tensor-name map), and gguf is restored after."""
+    import gguf
+
+    import kedit_core.zoo as zoo
+
+    path = tiny_gguf(tmp_path / "m.gguf")
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with zoo._gguf_parsed_once():
+        first, second = gguf.GGUFReader(str(path)), gguf.GGUFReader(path)
+        assert first is second and isinstance(first, real_reader)
+        assert "token_embd.weight" in [t.name for t in first.tensors]
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+    with pytest.raises(RuntimeError), zoo._gguf_parsed_once():
+        raise RuntimeError("a failed conversion")
+    assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
