@@ -18,6 +18,7 @@ from the same files and has the same fingerprint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.metadata
 import json
@@ -225,9 +226,11 @@ def _gguf_parsed_once():
     """Within one conversion, one parse of each GGUF file and one tensor-name map per architecture.
 
     transformers parses the file again for the tokenizer, for each read of the config and for the weights
-    (each parse walks SmolLM2's ~300k vocabulary and merge strings), and rebuilds gguf's tensor-name map for
-    every module of the model; most of a cold load went there. Both objects are only read during the
-    conversion, so one of each serves every call; the originals are restored afterwards."""
+    (each parse walks SmolLM2's ~300k vocabulary and merge strings, then converts every value), and rebuilds
+    gguf's tensor-name map for every module of the model; most of a cold load went there. The reader and
+    the maps are only read during the conversion, so one of each serves every call, and the file's
+    metadata (config and tokenizer) is converted once and handed out as copies; the originals are
+    restored afterwards."""
     import gguf
 
     real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
@@ -245,11 +248,26 @@ def _gguf_parsed_once():
             name_maps[arch, n_blocks] = real_name_map(arch, n_blocks)
         return name_maps[arch, n_blocks]
 
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    real_checkpoint = hf_gguf.load_gguf_checkpoint
+    metadata: dict = {}
+
+    def checkpoint(path, return_tensors=False, model_to_load=None, **kwargs):
+        if return_tensors or model_to_load is not None or kwargs:
+            return real_checkpoint(path, return_tensors=return_tensors, model_to_load=model_to_load, **kwargs)
+        key = os.path.realpath(path)
+        if key not in metadata:  # config and tokenizer fields, asked for by every config read
+            metadata[key] = real_checkpoint(path, return_tensors=False)
+        return copy.deepcopy(metadata[key])   # (callers may change what they get)
+
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    hf_gguf.load_gguf_checkpoint = checkpoint
     try:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_name_map
+        hf_gguf.load_gguf_checkpoint = real_checkpoint
 
 
 def _dequantize(gguf: Path):

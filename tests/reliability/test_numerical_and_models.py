@@ -173,15 +173,23 @@ def test_a_conversion_parses_each_gguf_file_once_and_restores_gguf(tmp_path):
 
     import kedit_core.zoo as zoo
 
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
     path = tiny_gguf(tmp_path / "m.gguf")
-    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    real_reader, real_map, real_checkpoint = gguf.GGUFReader, gguf.get_tensor_name_map, hf_gguf.load_gguf_checkpoint
     with zoo._gguf_parsed_once():
+        # metadata is converted once and handed out as copies a caller may change
+        first = hf_gguf.load_gguf_checkpoint(str(path))
+        assert set(first) >= {"config", "tokenizer"}
+        first["config"] = "changed by a caller"
+        assert hf_gguf.load_gguf_checkpoint(path)["config"] != "changed by a caller"
         first, second = gguf.GGUFReader(str(path)), gguf.GGUFReader(path)
         assert first is second and isinstance(first, real_reader)
         assert "token_embd.weight" in [t.name for t in first.tensors]
         arch = gguf.MODEL_ARCH.LLAMA
         assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
     assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
+    assert hf_gguf.load_gguf_checkpoint is real_checkpoint
     assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
     with pytest.raises(RuntimeError), zoo._gguf_parsed_once():
         raise RuntimeError("a failed conversion")
