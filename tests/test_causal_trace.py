@@ -400,3 +400,18 @@ def test_kedit_trace_command(toy_facts, tmp_path, capsys):
     assert main(["trace", "--model", "toy", "--facts", str(bad), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"kedit: error: {bad}, record 0, field 'prompt'") and "Traceback" not in err
+
+
+def test_a_run_resumes_when_the_noise_scale_differs_only_in_its_last_bits(tmp_path):
+    """The measured noise scale is a sum over threads: another thread count changes its last bits, which
+    must not stop a resume; a different scale (or setting) still does."""
+    expected = {"model": "m", "settings": {"samples": 10, "noise_scale": 0.349400744918614, "kinds": ["hidden"]}}
+    run_module._check_resume(tmp_path, expected, fresh=False)            # writes settings.json
+    nudged = json.loads(json.dumps(expected))
+    nudged["settings"]["noise_scale"] = 0.3494007449186143
+    run_module._check_resume(tmp_path, nudged, fresh=False)
+    for key, value in (("noise_scale", 0.35), ("samples", 11), ("kinds", ["mlp"])):
+        other = json.loads(json.dumps(expected))
+        other["settings"][key] = value
+        with pytest.raises(KeditError, match="other settings"):
+            run_module._check_resume(tmp_path, other, fresh=False)
