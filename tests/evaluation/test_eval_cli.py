@@ -23,6 +23,21 @@ def read_png(path):
     return image
 
 
+def break_post_edit_evaluation(monkeypatch, message: str) -> None:
+    """The evaluation's second scoring pass (the edited model's) raises ``message``; the first runs."""
+    from kedit_core.evaluation import harness
+
+    real, calls = harness.evaluate_cases, []
+
+    def failing_after_edit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "evaluate_cases", failing_after_edit)
+
+
 def test_counterfact_sweep_writes_json_csv_png_and_resumes(tmp_path, gpt2_dir, nudge_editor, counterfact_path, capsys):
     out = tmp_path / "cf"
     args = ["--model", gpt2_dir, "--data", counterfact_path, "--method", nudge_editor, "--sizes", "2,4",
@@ -143,18 +158,7 @@ def test_run_evaluation_restores_weights_even_when_a_phase_fails(gpt2, nudge_edi
                        settings=settings)
     assert all(torch.equal(p, snapshot[n]) for n, p in gpt2.model.named_parameters())
     # evaluation of the edited model fails: the edit is still reverted
-    from kedit_core.evaluation import harness
-
-    calls = []
-
-    def failing_after_edit(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("evaluation broke")
-        return real(*args, **kwargs)
-
-    real = harness.evaluate_cases
-    monkeypatch.setattr(harness, "evaluate_cases", failing_after_edit)
+    break_post_edit_evaluation(monkeypatch, "evaluation broke")
     with pytest.raises(RuntimeError, match="evaluation broke"):
         run_evaluation(gpt2, cases, "counterfact", plan=EditPlan(method=nudge_editor), settings=settings)
     assert all(torch.equal(p, snapshot[n]) for n, p in gpt2.model.named_parameters())
@@ -167,7 +171,6 @@ def test_an_evaluation_cut_short_after_the_edit_resumes_its_values(tmp_path, gpt
     """MEMIT's value batches are kept under partial/work_<n> while the edit runs: a run that dies after the
     edit (here: in the post-edit evaluation) loads them on the next try instead of optimising again, and the
     folder is gone once the phase is saved."""
-    from kedit_core.evaluation import harness
     from kedit_core.stats import InMemoryCovariance
 
     _, cases = load_cases(counterfact_path, limit=2)
@@ -178,16 +181,7 @@ def test_an_evaluation_cut_short_after_the_edit_resumes_its_values(tmp_path, gpt
                     overrides={"layers": [1], "v_num_grad_steps": 3, "mom2_update_weight": 1.0})
     settings = EvalSettings(generation=False, progress=False)
     out = tmp_path / "eval"
-    real = harness.evaluate_cases
-    calls = []
-
-    def failing_after_edit(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed during the post-edit evaluation")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(harness, "evaluate_cases", failing_after_edit)
+    break_post_edit_evaluation(monkeypatch, "killed during the post-edit evaluation")
     with pytest.raises(RuntimeError, match="killed"):
         run_evaluation(gpt2, cases, "counterfact", plan=plan, sizes=[2], settings=settings, out_dir=out)
     assert list((out / "partial" / "work_2").rglob("*")), "the finished value batches were not kept"
