@@ -225,17 +225,18 @@ def run_evaluation(model: LoadedModel, cases: Sequence, fmt: str, *, plan: EditP
                         "edit": {k: v for k, v in edit_info.items() if k != "stats"}, "stats": str(plan.describe_stats)})
         run_path = None if partial is None else partial / f"edits_{n}.json"
         post = _load_phase(run_path, run_key)
+        # the editor keeps its finished pieces of work (MEMIT's value batches) here, so a run cut short
+        # during the edit resumes it; once the phase is saved they are no longer needed (a run killed between
+        # the two leaves them: the next run removes them)
+        work_dir = None if partial is None else partial / f"work_{n}"
         if post is not None:
             say(f"{n} edits: reusing {run_path}")
         else:
-            # the editor keeps its finished pieces of work (MEMIT's value batches) here, so a run cut short
-            # during the edit resumes it; once the phase is saved they are no longer needed
-            work_dir = None if partial is None else partial / f"work_{n}"
             post = _edit_and_evaluate(model, subset, fmt, plan, hparams_obj, deltas_file, settings, references, tfidf,
                                       base_fingerprint, say, work_dir=work_dir)
             _save_phase(run_path, run_key, post)
-            if work_dir is not None:
-                shutil.rmtree(work_dir, ignore_errors=True)
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
         runs.append(_run_entry(fmt, n, pre["records"][:n], post,
                                {"eval_pre": pre["seconds"] * n / len(evaluated), **post["timings"]}))
 
