@@ -307,9 +307,10 @@ def score_targets(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
                     positions.extend(range(start, start + len(t_ids[i])))
                     tokens.extend(t_ids[i])
                 start += n
-            where = torch.tensor(positions, device=logits.device)
-            logp = torch.log_softmax(logits[where].float(), dim=-1)
-            logp = logp.gather(-1, torch.tensor(tokens, device=logits.device).unsqueeze(-1)).squeeze(-1).cpu().tolist()
+            # one softmax per labelled position; pairs sharing a position read their own token from it
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            logp = logp[torch.tensor(positions, device=logits.device),
+                        torch.tensor(tokens, device=logits.device)].cpu().tolist()
             argmax = logits.argmax(-1).cpu().tolist()
             for i, carrier_start, at in spans:
                 n = len(t_ids[i])

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kedit_core.text import (IGNORE, PromptTargetBatch, _shared_prefix_carriers, collate_prompt_targets, encode, encode_target, labelled_logits,
-                             prompt_target_batch, score_targets)
+from kedit_core.text import (IGNORE, PromptTargetBatch, _shared_prefix_carriers, collate_prompt_targets, encode,
+                             encode_target, labelled_logits, prompt_target_batch, score_targets)
 
 PROMPTS = ["The mother tongue of Danielle Darrieux is", "Paris is the capital of", "Toko Yasuda, the",
            "The mother tongue of Danielle Darrieux is", "A"]
