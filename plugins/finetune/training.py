@@ -106,6 +106,31 @@ class MixedBatches:
 # --------------------------------------------------------------------------------------------------
 # Training
 
+# Padded tokens per forward/backward. Training every block of SmolLM2-135M holds about 2 MB per token
+# (activations of 30 blocks and the full-vocabulary logits), so 2,048 tokens keep a step near 4 GB above the
+# weights and Adam's state; a 64-example CounterFact mini-batch (~1,000 tokens) stays one micro-batch.
+MICRO_BATCH_TOKENS = 2048
+
+
+def micro_batches(model: LoadedModel, examples: Sequence[Example],
+                  max_tokens: int = MICRO_BATCH_TOKENS) -> list[list[Example]]:
+    """Consecutive runs of ``examples`` whose padded size (examples × longest prompt+target, in tokens)
+    stays within ``max_tokens``; an example longer than that is a micro-batch of its own."""
+    lengths = [len(model.tokenizer(e.prompt + e.target, add_special_tokens=True)["input_ids"]) for e in examples]
+    out: list[list[Example]] = []
+    current: list[Example] = []
+    longest = 0
+    for example, length in zip(examples, lengths):
+        if current and (len(current) + 1) * max(longest, length) > max_tokens:
+            out.append(current)
+            current, longest = [], 0
+        current.append(example)
+        longest = max(longest, length)
+    if current:
+        out.append(current)
+    return out
+
+
 def batch_loss(model: LoadedModel, examples: Sequence[Example]) -> torch.Tensor:
     """Mean over the examples of each target's per-token NLL given its prompt (teacher forced)."""
     enc = prompt_target_batch(model.tokenizer, [e.prompt for e in examples], [e.target for e in examples],
@@ -135,12 +160,23 @@ def train(model: LoadedModel, params: dict[str, nn.Parameter], batches, settings
                 total, count = 0.0, 0
                 for examples in batches.pass_batches(pass_index):
                     optimizer.zero_grad(set_to_none=True)
-                    loss = batch_loss(model, examples)
-                    value = float(loss.detach())
+                    parts = micro_batches(model, examples, MICRO_BATCH_TOKENS)
+                    if len(parts) == 1:   # the loss decides first whether a backward pass is needed
+                        loss = batch_loss(model, examples)
+                        value = float(loss.detach())
+                        step = threshold is None or value >= threshold
+                        if step:
+                            loss.backward()
+                    else:                 # each part's graph is freed by its backward before the next
+                        value = 0.0
+                        for part in parts:
+                            loss = batch_loss(model, part) * (len(part) / len(examples))
+                            loss.backward()
+                            value += float(loss.detach())
+                        step = threshold is None or value >= threshold
                     total += value * len(examples)
                     count += len(examples)
-                    if threshold is None or value >= threshold:
-                        loss.backward()
+                    if step:
                         optimizer.step()
                         log.optimizer_steps += 1
                     if after_step is not None:

@@ -149,3 +149,36 @@ def test_ft_mix_takes_its_facts_from_a_file_or_the_context_and_is_seeded(gpt2, r
 def test_progress_is_shown(gpt2, requests_cf, capsys):
     kedit.compute_edit(gpt2, requests_cf[:1], "ft", context=EditContext(progress=True), num_steps=2)
     assert "ft:" in capsys.readouterr().err
+
+
+def test_micro_batches_bound_the_padded_tokens_and_keep_every_example_in_order(llama):
+    from kedit_plugins.finetune.training import micro_batches
+    examples = [Example(f"Fact number {i} is about" + " very" * (i % 5), " something") for i in range(40)]
+    parts = micro_batches(llama, examples, max_tokens=60)
+    assert len(parts) > 1 and [e for part in parts for e in part] == examples
+    for part in parts:
+        longest = max(len(llama.tokenizer(e.prompt + e.target)["input_ids"]) for e in part)
+        assert len(part) == 1 or len(part) * longest <= 60
+    assert micro_batches(llama, examples, max_tokens=10_000) == [examples]
+
+
+@pytest.mark.parametrize("method", ["ft", "ft-mix"])
+def test_a_mini_batch_split_into_micro_batches_trains_to_the_same_weights(monkeypatch, llama, requests_cf, method):
+    """Splitting a mini-batch bounds memory only: the same gradient (float rounding) and the same steps."""
+    import kedit_plugins.finetune.training as training
+    whole = run(llama, requests_cf, method, num_steps=3, lr=1e-2, early_stop_loss=None)
+    calls = []
+    original = training.batch_loss
+    monkeypatch.setattr(training, "MICRO_BATCH_TOKENS", 12)   # a few examples per micro-batch
+
+    def counting(model, examples):
+        calls.append(len(examples))
+        return original(model, examples)
+
+    monkeypatch.setattr(training, "batch_loss", counting)
+    split = run(llama, requests_cf, method, num_steps=3, lr=1e-2, early_stop_loss=None)
+    assert max(calls) < len(requests_cf) * (2 if method == "ft-mix" else 1)   # really split
+    assert whole.deltas.extra["stages"][0]["optimizer_steps"] == split.deltas.extra["stages"][0]["optimizer_steps"]
+    assert whole.deltas.names() == split.deltas.names()
+    for name, delta in whole.deltas.tensors.items():
+        torch.testing.assert_close(split.deltas.tensors[name], delta, rtol=1e-4, atol=1e-6)
