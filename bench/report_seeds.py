@@ -1,8 +1,8 @@
 """Report: the three seed papers' experiments on a real model (issue 16): Zhu et al.'s constrained
 fine-tuning, MEMIT's scaling comparison, F-Learning's forget-then-learn.
 
-    python bench/report_seeds.py                          # SmolLM2-135M, the default sizes (about an hour on 2 cores)
-    python bench/report_seeds.py --quick                  # the same tables, tiny sizes (minutes; the slow test)
+    python bench/report_seeds.py                          # SmolLM2-135M, the default sizes (hours on 2 cores; resumable)
+    python bench/report_seeds.py --quick                  # the same tables, tiny sizes (the slow test)
     python bench/report_seeds.py --model gemma3-270m --editors alphaedit --set memit.layers=[4,5,6,7,8]
 
 Every edit is ``kedit_core.compute_edit`` with a registered editor (by name), applied, measured with
