@@ -12,8 +12,10 @@ import pytest
 from .conftest import zoo_model_or_skip
 
 REPORT_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "report_seeds.py"
-# MEMIT from its shipped SmolLM2 defaults (λ 2000) with 25 instead of 40 value steps: a shorter quick run.
-SMOLLM2_SETTINGS = ["--set", "memit.mom2_update_weight=2000", "--set", "memit.v_num_grad_steps=25"]
+# The shipped SmolLM2 defaults with 10 value-optimisation steps for the locate-then-edit editors: the test
+# checks the report's pipeline and FT vs FT-L, not how well those editors reach their targets.
+SMOLLM2_SETTINGS = [arg for editor in ("memit", "emmet", "alphaedit", "rome")
+                    for arg in ("--set", f"{editor}.v_num_grad_steps=10")]
 
 
 def _load_report_module():
