@@ -659,8 +659,10 @@ def part_flearning(runner: Runner, args, say) -> dict:
         new = [Fact.from_request(r) for r in data.requests]
         base_scores = predict_facts(model, old + data.unrelated, max_tokens=args.score_tokens)
         hp0 = runner.resolve(stage0_spec)
+        # The thread count is in the key: training on 1 and on 2 threads rounds differently, so the stage-0
+        # weights (and the fingerprint every F-Learning run is keyed by) differ in their last bits.
         key = digest({"model": runner.fingerprint, "requests": requests_sha256(old_requests), "hparams": hp0.to_dict(),
-                      "seed": args.seed})
+                      "seed": args.seed, "threads": torch.get_num_threads()})
         # The stage-0 deltas touch every block (~800 MB for SmolLM2): kept in kedit's cache, not beside the
         # committed results; the runs measured on the stage-0 model are keyed by its fingerprint.
         path0 = kedit_cache_dir() / "report_seeds" / f"stage0-{dataset}-{key[:12]}.safetensors"
@@ -762,9 +764,22 @@ def findings(model_name: str, results: dict) -> list[dict]:
         if len(best) >= 2:
             seq = [best[s]["layer"] for s in sizes if s in best]
             holds = all(b <= a for a, b in zip(seq, seq[1:])) and seq[-1] < seq[0]
+        layer_reason = None
+        if holds is False and best:
+            first = best[sizes[0]] if sizes[0] in best else next(iter(best.values()))
+            runner_up = max((r for r in rows if r["run_id"] == "zhu-ft-l" and r["tags"].get("group") == "layers"
+                             and r["tags"].get("size") == sizes[0] and r["tags"]["layer"] != first["layer"]),
+                            key=lambda r: r["metrics"]["A_bar"], default=None)
+            lowest = min(zhu["layers"])
+            layer_reason = (f"the best layer is already layer {first['layer']} at |M| = {sizes[0]}"
+                            + (f" (Ā {first['A_bar']:.1f}, next best layer {runner_up['tags']['layer']} Ā "
+                               f"{runner_up['metrics']['A_bar']:.1f})" if runner_up else "")
+                            + (", the lowest layer tested, so it has nowhere lower to move"
+                               if first["layer"] == lowest else ""))
         add("Zhu et al.", "As |M| grows the best layer to fine-tune moves toward the first (BERT: 11 → 0)",
             "FT-L's best-Ā layer never moves up and ends lower than it started as |M| grows",
-            holds, "; ".join(f"|M| = {s}: best layer {b['layer']} (Ā {b['A_bar']:.1f})" for s, b in best.items()))
+            holds, "; ".join(f"|M| = {s}: best layer {b['layer']} (Ā {b['A_bar']:.1f})" for s, b in best.items()),
+            layer_reason)
     memit = results.get("memit")
     if memit:
         rows = memit["rows"]
@@ -777,9 +792,19 @@ def findings(model_name: str, results: dict) -> list[dict]:
                 continue
             others = {k: v for k, v in at_top.items() if k not in ("MEMIT", "EMMET", "AlphaEdit")}
             holds = all(at_top["MEMIT"] >= v for v in others.values()) if others else None
+            reason = None
+            if holds is False:
+                winner = max(others, key=others.get)
+                para = "paraphrase" if dataset == "zsre" else "PS"
+                w_row = _pick(rows, label=winner, dataset=dataset, edits=top)
+                m_row = _pick(rows, label="MEMIT", dataset=dataset, edits=top)
+                reason = (f"{name} is measured on the very prompts {winner} trains on, which fine-tuning fits directly; "
+                          f"on other wordings the two are close ({para}: {winner} {_f(_m(w_row, para))}, MEMIT "
+                          f"{_f(_m(m_row, para))})")
             add("Meng et al. (MEMIT)", f"MEMIT beats the fine-tuning baselines and ROME at many edits ({dataset}, {name})",
                 f"MEMIT's {name} at the largest size >= every FT/ROME {name} measured there",
-                holds, f"{top} edits: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(at_top.items(), key=lambda kv: -kv[1])))
+                holds, f"{top} edits: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(at_top.items(), key=lambda kv: -kv[1])),
+                reason)
         memit_rows = [r for r in rows if r["label"] == "MEMIT" and r["tags"].get("dataset") == "counterfact"]
         if memit_rows:
             top = max(memit_rows, key=lambda r: r["tags"]["edits"])
@@ -798,10 +823,15 @@ def findings(model_name: str, results: dict) -> list[dict]:
             best_fl = _pick(rows, run_id="fl-lora-full", dataset=dataset)
             full_forget = _pick(rows, run_id="fl-full-full", dataset=dataset)
             rome = _pick(rows, run_id="fl-rome", dataset=dataset)
+            described = (fl.get("stage0", {}).get(dataset) or {}).get("data") or {}
+            n_records, n_unrelated = described.get("records"), described.get("unrelated")
             if ft and lora:
+                ceiling = _m(ft, "reliability") == _m(lora, "reliability") == 100.0
                 add("Ni et al. (F-Learning)", f"Full fine-tuning learns new knowledge better than LoRA ({dataset})",
                     "reliability of full FT > reliability of LoRA", _m(ft, "reliability") > _m(lora, "reliability"),
-                    f"full FT {_f(_m(ft, 'reliability'))}, LoRA {_f(_m(lora, 'reliability'))}")
+                    f"full FT {_f(_m(ft, 'reliability'))}, LoRA {_f(_m(lora, 'reliability'))}",
+                    f"both learn every edited fact (reliability 100, a ceiling on {n_records} records); on paraphrases "
+                    f"full FT {_f(_m(ft, 'generality'))}, LoRA {_f(_m(lora, 'generality'))}" if ceiling else None)
             if ft and best_fl:
                 better = [k for k in ("reliability", "generality", "locality") if _m(best_fl, k) > _m(ft, k)]
                 add("Ni et al. (F-Learning)", f"LoRA-forget then full-learn updates knowledge better than full FT ({dataset})",
@@ -820,12 +850,19 @@ def findings(model_name: str, results: dict) -> list[dict]:
                     "after the forget step alone: locality with full forgetting < locality with LoRA forgetting",
                     s_full["locality"] < s_lora["locality"],
                     f"after forgetting: full locality {_f(s_full['locality'])}, old facts {_f(s_full['A_old'])}; "
-                    f"LoRA locality {_f(s_lora['locality'])}, old facts {_f(s_lora['A_old'])}")
+                    f"LoRA locality {_f(s_lora['locality'])}, old facts {_f(s_lora['A_old'])}",
+                    None if s_full["locality"] < s_lora["locality"] else
+                    (f"both forget steps leave the same share of the {n_unrelated} unrelated facts"
+                     if s_full["locality"] == s_lora["locality"] else "LoRA forgetting disturbs more unrelated facts")
+                    + f" (one fact is {100 / n_unrelated:.1f} points)" * bool(n_unrelated)
+                    + f"; LoRA forgetting removes about as many old facts (left: LoRA {_f(s_lora['A_old'])}, full "
+                      f"{_f(s_full['A_old'])}), so here it is no gentler a subtraction"
+                    * bool(s_lora["A_old"] <= s_full["A_old"] + 100 / max(n_records or 1, 1)))
             if rome:
                 add("Ni et al. (F-Learning)", f"ROME keeps locality but barely changes the in-scope answers ({dataset})",
                     "ROME: locality >= 90 and reliability < 50", _m(rome, "locality") >= 90 and _m(rome, "reliability") < 50,
                     f"ROME reliability {_f(_m(rome, 'reliability'))}, generality {_f(_m(rome, 'generality'))}, "
-                    f"locality {_f(_m(rome, 'locality'))}")
+                    f"locality {_f(_m(rome, 'locality'))}", _rome_reason(rome, results.get("memit"), dataset))
             timed = {r["label"]: r["seconds"]["edit"] for r in rows if r["tags"].get("dataset") == dataset
                      and r["run_id"] in ("fl-ft", "fl-lora-full", "fl-rome", "fl-memit")}
             if len(timed) == 4:
@@ -838,6 +875,26 @@ def findings(model_name: str, results: dict) -> list[dict]:
                                    ("full FT", "F-Learning lora forget → full learn"))
                     if timed["full FT"] >= timed["F-Learning lora forget → full learn"] else None)
     return out
+
+
+def _rome_reason(rome: dict, memit: dict | None, dataset: str) -> str | None:
+    """What ROME did on the stage-0 model, beside what it did on the base model in the MEMIT comparison."""
+    rel, loc = _m(rome, "reliability"), _m(rome, "locality")
+    if loc >= 90 and rel < 50:
+        return None
+    base = None
+    if memit:
+        runs = [r for r in memit["rows"] if r["label"] == "ROME" and r["tags"].get("dataset") == dataset]
+        base = max(runs, key=lambda r: r["tags"]["edits"], default=None)
+    key, spec = ("ES", "NS") if dataset == "counterfact" else ("efficacy", "specificity")
+    on_base = (f"; on the base model ROME's {base['tags']['edits']} sequential edits reach {key} {_f(_m(base, key))} "
+               f"with {spec} {_f(_m(base, spec))}" if base else "")
+    if rel >= 50:
+        return (f"kedit's ROME (the shipped SmolLM2 settings) does change the in-scope answers: reliability {_f(rel)} "
+                f"after {rome['num_requests']} sequential edits of one layer, which cost locality ({_f(loc)})" + on_base)
+    return (f"after {rome['num_requests']} sequential edits of one layer of the stage-0 model, ROME keeps neither the new "
+            f"answers (reliability {_f(rel)}) nor the unrelated ones (locality {_f(loc)})" + on_base
+            + ": the fine-tuned stage-0 model and the longer sequence are what differ")
 
 
 def _ft_reason(ft: dict | None, per_size: Sequence[dict | None]) -> str | None:
