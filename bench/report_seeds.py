@@ -823,7 +823,8 @@ def findings(model_name: str, results: dict) -> list[dict]:
             best_fl = _pick(rows, run_id="fl-lora-full", dataset=dataset)
             full_forget = _pick(rows, run_id="fl-full-full", dataset=dataset)
             rome = _pick(rows, run_id="fl-rome", dataset=dataset)
-            described = (fl.get("stage0", {}).get(dataset) or {}).get("data") or {}
+            stage0 = fl.get("stage0", {}).get(dataset) or {}
+            described = stage0.get("data") or {}
             n_records, n_unrelated = described.get("records"), described.get("unrelated")
             if ft and lora:
                 ceiling = _m(ft, "reliability") == _m(lora, "reliability") == 100.0
@@ -842,7 +843,7 @@ def findings(model_name: str, results: dict) -> list[dict]:
                     "F-Learning LoRA→full " + " / ".join(_f(_m(best_fl, k)) for k in ("reliability", "generality",
                                                                                      "locality"))
                     + " vs full FT " + " / ".join(_f(_m(ft, k)) for k in ("reliability", "generality", "locality")),
-                    None if len(better) >= 2 else _forget_reason(best_fl, (fl.get("stage0", {}).get(dataset) or {}).get("A_old_after")))
+                    None if len(better) >= 2 else _forget_reason(best_fl, stage0.get("A_old_after")))
             if full_forget and full_forget.get("stage1") and best_fl and best_fl.get("stage1"):
                 s_full, s_lora = full_forget["stage1"], best_fl["stage1"]
                 add("Ni et al. (F-Learning)", f"Subtracting full-FT knowledge parameters damages the model more than "
@@ -851,13 +852,7 @@ def findings(model_name: str, results: dict) -> list[dict]:
                     s_full["locality"] < s_lora["locality"],
                     f"after forgetting: full locality {_f(s_full['locality'])}, old facts {_f(s_full['A_old'])}; "
                     f"LoRA locality {_f(s_lora['locality'])}, old facts {_f(s_lora['A_old'])}",
-                    None if s_full["locality"] < s_lora["locality"] else
-                    (f"both forget steps leave the same share of the {n_unrelated} unrelated facts"
-                     if s_full["locality"] == s_lora["locality"] else "LoRA forgetting disturbs more unrelated facts")
-                    + f" (one fact is {100 / n_unrelated:.1f} points)" * bool(n_unrelated)
-                    + f"; LoRA forgetting removes about as many old facts (left: LoRA {_f(s_lora['A_old'])}, full "
-                      f"{_f(s_full['A_old'])}), so here it is no gentler a subtraction"
-                    * bool(s_lora["A_old"] <= s_full["A_old"] + 100 / max(n_records or 1, 1)))
+                    _forget_damage_reason(s_full, s_lora, n_records, n_unrelated))
             if rome:
                 add("Ni et al. (F-Learning)", f"ROME keeps locality but barely changes the in-scope answers ({dataset})",
                     "ROME: locality >= 90 and reliability < 50", _m(rome, "locality") >= 90 and _m(rome, "reliability") < 50,
@@ -875,6 +870,21 @@ def findings(model_name: str, results: dict) -> list[dict]:
                                    ("full FT", "F-Learning lora forget → full learn"))
                     if timed["full FT"] >= timed["F-Learning lora forget → full learn"] else None)
     return out
+
+
+def _forget_damage_reason(s_full: dict, s_lora: dict, n_records: int | None, n_unrelated: int | None) -> str | None:
+    """Why LoRA forgetting was not the gentler one: the unrelated facts it left, and the old facts it removed."""
+    if s_full["locality"] < s_lora["locality"]:
+        return None
+    reason = (f"both forget steps leave the same share of the {n_unrelated} unrelated facts"
+              if s_full["locality"] == s_lora["locality"] else "LoRA forgetting disturbs more unrelated facts")
+    if n_unrelated:
+        reason += f" (one fact is {100 / n_unrelated:.1f} points)"
+    one_record = 100 / max(n_records or 1, 1)
+    if s_lora["A_old"] <= s_full["A_old"] + one_record:  # within one record of full forgetting's removal
+        reason += (f"; LoRA forgetting removes about as many old facts (left: LoRA {_f(s_lora['A_old'])}, full "
+                   f"{_f(s_full['A_old'])}), so here it is no gentler a subtraction")
+    return reason
 
 
 def _rome_reason(rome: dict, memit: dict | None, dataset: str) -> str | None:
@@ -904,13 +914,18 @@ def _ft_reason(ft: dict | None, per_size: Sequence[dict | None]) -> str | None:
         return None
     if _m(ft, "A_M") < 50:
         return f"FT did not learn M with the report's lr/passes (final loss {_train_loss(ft)})"
+    trained = [r for r in per_size if r and r.get("train")]
     steps = "; ".join(f"|M| = {r['tags']['size']}: {r['train'][-1]['optimizer_steps']} steps, A_F\\S "
-                      f"{_f(_m(r, 'A_F_minus_S'))}" for r in per_size if r and r.get("train"))
+                      f"{_f(_m(r, 'A_F_minus_S'))}" for r in trained)
     stop = ("stops as soon as its loss on M is below the report's threshold" if ft["train"][-1].get("stopped_early")
             else "trains all its passes")
+    trend = ""
+    if len(trained) >= 2:
+        change = _m(trained[-1], "A_F_minus_S") - _m(trained[0], "A_F_minus_S")
+        trend = (f"; from |M| = {trained[0]['tags']['size']} to {trained[-1]['tags']['size']} the share of F\\S kept "
+                 f"changes by {change:+.1f} points")
     return (f"FT learns M and {stop} (final loss {_train_loss(ft)}), having moved the weights only as far as M "
-            "needs; as |M| grows "
-            f"the share of F\\S kept barely falls ({steps})")
+            f"needs{trend} ({steps})")
 
 
 def _train_loss(row: dict) -> str:
@@ -925,8 +940,13 @@ def _forget_reason(row: dict, stage0_old: float | None) -> str | None:
     if not s1:
         return None
     forget = next((t for t in row.get("train") or [] if "forget" in t.get("name", "")), None)
-    losses = (f" (its training loss on the old facts went {_f(forget['first_loss'], 3)} → {_f(forget['final_loss'], 3)}:"
-              " the stage-0 model already fits them, so the delta it learns, and subtracts, is small)") if forget else ""
+    losses = ""
+    if forget:
+        losses = f" (its training loss on the old facts went {_f(forget['first_loss'], 3)} → {_f(forget['final_loss'], 3)}"
+        # A first loss this low means the stage-0 model already fits the old facts: little left to learn, so
+        # the delta the forget step learns, and subtracts, is small.
+        losses += (": the stage-0 model already fits them, so the delta it learns, and subtracts, is small)"
+                   if forget["first_loss"] < 0.5 else ")")
     before = f"{_f(stage0_old)}% after stage 0" if stage0_old is not None else "stage 0"
     if stage0_old is None or s1["A_old"] >= stage0_old - 15:
         return (f"the forget step left the old facts at {_f(s1['A_old'])}% ({before}){losses}; the learn stage then "
@@ -1250,7 +1270,8 @@ def plot_all(results: dict, out: Path, title: str) -> list[Path]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="zoo alias, .gguf file or model directory (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: bench/results/seeds/<model>)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: bench/results/seeds/<model>, "
+                                                           "with -full or -quick appended for those presets)")
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help="tiny sizes (minutes): the slow test's configuration")
     preset.add_argument("--full", action="store_true", help="the committed report's sizes (|M| 32/128/512, 10/30/100 "

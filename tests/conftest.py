@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "fixtures" / "data"
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+def load_bench_script(name: str):
+    """A ``bench/<name>.py`` script as a module (the scripts are not a package). Registered in
+    ``sys.modules`` first: dataclasses resolve a script's string annotations through it."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 has_cuda = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not has_cuda, reason="needs a CUDA device")

@@ -2,24 +2,18 @@
 results without a model: the committed verdicts follow from its rows, each rule flips when the numbers it
 compares flip, and the measured reason names what the forget step actually did."""
 import copy
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, load_bench_script
 
 REPORT = REPO / "bench" / "results" / "seeds" / "smollm2-135m-full" / "seeds_report.json"
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("report_seeds", REPO / "bench" / "report_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the script's string annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("report_seeds")
 
 
 @pytest.fixture(scope="module")

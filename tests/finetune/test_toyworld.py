@@ -2,9 +2,7 @@
 whatever its size), leaves the model as it was, and the report script runs end to end on a tiny
 configuration."""
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +11,9 @@ import kedit_core as kedit
 from kedit_core import EditContext, toyworld
 from kedit_core.requests import requests_from_records
 
+from ..conftest import load_bench_script
 from .helpers import assert_bit_identical, snapshot, target_nll
 
-REPORT_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "report_finetune.py"
 
 # Settings that learn 4 toy facts in a handful of Adam steps (the published 25 steps at lr 5e-4 are
 # meant for GPT-2 XL; the report records its own choice the same way).
@@ -64,15 +62,8 @@ def test_each_editor_raises_its_targets_probabilities_on_the_toy_world(toy, worl
         assert result.deltas.extra["max_abs_change"] <= TOY_SETTINGS[label]["norm_constraint"]
 
 
-def _load_report_module():
-    spec = importlib.util.spec_from_file_location("report_finetune", REPORT_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_report_script_runs_on_a_tiny_configuration(tmp_path):
-    report = _load_report_module()
+    report = load_bench_script("report_finetune")
     out = tmp_path / "report"
     results = report.main(["--out", str(out), "--seeds", "0,1", "--no-defaults", "--num-modified", "4",
                            "--num-unmodified", "24", "--mix-pool", "8", "--layers", "0,1", "--deltas", "0.01,0.1",

@@ -2,28 +2,17 @@
 the files are written, a rerun reuses every finished run, and unconstrained fine-tuning of every block
 keeps fewer of the unmodified facts than FT-L (Zhu et al.'s finding, a property of the methods: the ℓ∞
 ball bounds how far FT-L can move any weight)."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from ..conftest import load_bench_script
 from .conftest import zoo_model_or_skip
 
-REPORT_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "report_seeds.py"
 # The shipped SmolLM2 defaults with 10 value-optimisation steps for the locate-then-edit editors: the test
 # checks the report's pipeline and FT vs FT-L, not how well those editors reach their targets.
 SMOLLM2_SETTINGS = [arg for editor in ("memit", "emmet", "alphaedit", "rome")
                     for arg in ("--set", f"{editor}.v_num_grad_steps=10")]
-
-
-def _load_report_module():
-    spec = importlib.util.spec_from_file_location("report_seeds", REPORT_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses resolve the script's string annotations through it
-    spec.loader.exec_module(module)
-    return module
 
 
 def _complete(metrics: dict, keys) -> bool:
@@ -33,7 +22,7 @@ def _complete(metrics: dict, keys) -> bool:
 @pytest.mark.slow
 def test_quick_seeds_report_on_smollm2(tmp_path):
     zoo_model_or_skip("smollm2-135m")
-    report = _load_report_module()
+    report = load_bench_script("report_seeds")
     out = tmp_path / "seeds"
     doc = report.main(["--quick", "--out", str(out), *SMOLLM2_SETTINGS])
     results = doc["results"]

@@ -1,22 +1,13 @@
 """bench/toy_keys.py's leakage measure (what a MEMIT-style update writes into the edited keys and what
 reaches the others) and bench/toy_widen.py's function-preserving widening: the tools behind the toy
 world's MEMIT recall analysis."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
+from ..conftest import load_bench_script
 
-
-def _bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-toy_keys = _bench_module("toy_keys")
+toy_keys = load_bench_script("toy_keys")
 
 
 def test_orthogonal_keys_leak_nothing_and_write_the_ridge_share():
@@ -45,7 +36,7 @@ def test_widening_keeps_every_logit_and_adds_key_units():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=64, vocab_size=100,
                                        n_positions=32)).eval()
-    wide = _bench_module("toy_widen").widen_gpt2(model, 256, seed=3)
+    wide = load_bench_script("toy_widen").widen_gpt2(model, 256, seed=3)
     ids = torch.randint(0, 100, (3, 12))
     with torch.no_grad():
         assert torch.equal(wide(ids).logits, model(ids).logits)
