@@ -38,7 +38,8 @@ if str(REPO) not in sys.path:
 from kedit_core import load_model  # noqa: E402
 from kedit_core.atomic import write_bytes_atomic, write_json_atomic  # noqa: E402
 from kedit_core.errors import KeditError  # noqa: E402
-from kedit_core.evaluation import EvalSettings, aggregate, evaluate_cases, load_cases, perplexity  # noqa: E402
+from kedit_core.evaluation import (EvalSettings, aggregate, documents_covering, evaluate_cases, load_cases,  # noqa: E402
+                                   perplexity)
 from kedit_core.session import EditSession  # noqa: E402
 from kedit_core.stats import CachedCovariance, open_corpus  # noqa: E402
 
@@ -209,9 +210,15 @@ def main(argv=None) -> int:
                         help="JSON list of {label, method, overrides{}} (bench/sequential_editors.json)")
     parser.add_argument("--select", help="comma-separated labels of --editors to run (default: all)")
     parser.add_argument("--corpus", type=Path, required=True, help="text for C0 and the held-out perplexity")
-    parser.add_argument("--stats-docs", type=int, required=True, help="C0 from the first N documents of --corpus")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--stats-docs", type=int,
+                        help="C0 from the first N documents of --corpus; the held-out text follows them")
+    budget.add_argument("--stats-tokens", type=int,
+                        help="C0 from N tokens of the documents after the held-out text (needs --held-out-from)")
+    parser.add_argument("--held-out-from", type=int,
+                        help="first held-out document (default: --stats-docs, i.e. right after C0's documents)")
     parser.add_argument("--stats-dir", help="statistics cache (default: kedit's)")
-    parser.add_argument("--ppl-tokens", type=int, default=16384, help="held-out tokens scored (after --stats-docs)")
+    parser.add_argument("--ppl-tokens", type=int, default=16384, help="held-out tokens scored")
     parser.add_argument("--ppl-window", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
@@ -237,14 +244,29 @@ def main(argv=None) -> int:
         raise KeditError(f"{args.data} has {len(cases)} records; the stream needs {total}")
     stream, unedited = cases[:total], cases[total:]
     documents = list(open_corpus(str(args.corpus)).documents())
-    held_out = documents[args.stats_docs:]
+    if args.held_out_from is None:
+        if args.stats_docs is None:
+            raise KeditError("--stats-tokens needs --held-out-from (the first document of the held-out text)")
+        args.held_out_from = args.stats_docs
+    if args.stats_docs is not None and args.held_out_from < args.stats_docs:
+        raise KeditError(f"--held-out-from {args.held_out_from} overlaps C0's first {args.stats_docs} documents")
+    held_out = documents[args.held_out_from:]
     if not held_out:
-        raise KeditError(f"--stats-docs {args.stats_docs} leaves no held-out documents of {args.corpus}")
+        raise KeditError(f"--held-out-from {args.held_out_from} leaves no held-out documents of {args.corpus}")
     torch.manual_seed(args.seed)
     model = load_model(args.model, device="cpu")
     base_fingerprint = model.fingerprint()
-    stats = CachedCovariance(str(args.corpus), args.stats_dir, docs=args.stats_docs, progress=not args.no_progress)
-    args.eval_key = {"ppl": [args.ppl_tokens, args.ppl_window, args.stats_docs], "unedited": args.unedited,
+    if args.stats_docs is not None:
+        stats_settings = {"corpus": str(args.corpus), "docs": args.stats_docs}
+        stats = CachedCovariance(str(args.corpus), args.stats_dir, docs=args.stats_docs, progress=not args.no_progress)
+    else:  # C0 from the documents after the held-out text, so perplexity is scored on text C0 never saw
+        first = args.held_out_from + documents_covering(model.tokenizer, held_out, args.ppl_tokens)
+        if first >= len(documents):
+            raise KeditError(f"no documents of {args.corpus} are left for C0 after the held-out text")
+        stats_settings = {"corpus": str(args.corpus), "tokens": args.stats_tokens, "documents_from": first}
+        stats = CachedCovariance(documents[first:], args.stats_dir, tokens=args.stats_tokens,
+                                 progress=not args.no_progress)
+    args.eval_key = {"ppl": [args.ppl_tokens, args.ppl_window, args.held_out_from], "unedited": args.unedited,
                      "data": str(args.data), "model": base_fingerprint}
 
     base_key = digest({"eval": args.eval_key, "total": total, "fmt": fmt})
@@ -268,8 +290,8 @@ def main(argv=None) -> int:
               "format": fmt, "model": {"source": args.model, "fingerprint": base_fingerprint},
               "data": {"path": str(args.data), "name": args.data.name, "stream": total, "unedited": len(unedited)},
               "settings": {"batches": args.batches, "batch_size": args.batch_size, "seed": args.seed,
-                           "stats": {"corpus": str(args.corpus), "docs": args.stats_docs},
-                           "held_out": {"documents_from": args.stats_docs, "tokens": args.ppl_tokens,
+                           "stats": stats_settings,
+                           "held_out": {"documents_from": args.held_out_from, "tokens": args.ppl_tokens,
                                         "window": args.ppl_window},
                            "torch_threads": torch.get_num_threads(), "editors": specs},
               "base": base, "rows": rows}

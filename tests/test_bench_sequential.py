@@ -42,3 +42,49 @@ def test_sequential_bench_writes_curves_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "computed" not in again.stderr and "measuring the unedited model" not in again.stderr
     assert json.loads((out / "sequential.json").read_text())["rows"] == result["rows"]
+
+
+def run_bench(args, tmp_path, timeout=600):
+    return subprocess.run([sys.executable, str(REPO / "bench" / "sequential.py"),
+                           "--data", str(DATA / "counterfact_dev.json"), "--batches", "1", "--batch-size", "2",
+                           "--unedited", "1", "--corpus", str(DATA / "wikitext-2-raw" / "wiki.test.raw"),
+                           "--stats-dir", str(tmp_path / "stats"), "--ppl-tokens", "600", "--threads", "1",
+                           "--no-progress", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_sequential_bench_rejects_c0_that_overlaps_the_held_out_text(tmp_path):
+    editors = tmp_path / "editors.json"
+    editors.write_text(json.dumps(EDITORS))
+    common = ["--model", str(tmp_path / "never-loaded"), "--editors", str(editors), "--out", str(tmp_path / "out")]
+    missing = run_bench([*common, "--stats-tokens", "500"], tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == ("sequential: error: --stats-tokens needs --held-out-from "
+                                      "(the first document of the held-out text)")
+    overlap = run_bench([*common, "--stats-docs", "100", "--held-out-from", "50"], tmp_path)
+    assert overlap.returncode == 2
+    assert overlap.stderr.strip() == "sequential: error: --held-out-from 50 overlaps C0's first 100 documents"
+    assert not (tmp_path / "out").exists()
+
+
+def test_sequential_bench_draws_c0_from_after_the_held_out_text(tmp_path):
+    """--stats-tokens: C0 comes from the documents after the held-out text (recorded in the settings),
+    so the perplexity curve scores text the projector never saw."""
+    model = save_tiny_model("gpt2", tmp_path / "model", num_layers=4, hidden_size=64)
+    editors = tmp_path / "editors.json"
+    editors.write_text(json.dumps(EDITORS))
+    out = tmp_path / "out"
+    done = run_bench(["--model", str(model), "--editors", str(editors), "--out", str(out),
+                      "--stats-tokens", "800", "--held-out-from", "30"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    settings = json.loads((out / "sequential.json").read_text())["settings"]
+    assert settings["held_out"]["documents_from"] == 30
+    stats = settings["stats"]
+    assert stats["tokens"] == 800 and "docs" not in stats
+    from transformers import AutoTokenizer
+
+    from kedit_core.evaluation import documents_covering
+    from kedit_core.stats import open_corpus
+
+    documents = list(open_corpus(str(DATA / "wikitext-2-raw" / "wiki.test.raw")).documents())
+    covered = documents_covering(AutoTokenizer.from_pretrained(model), documents[30:], 600)
+    assert covered > 2 and stats["documents_from"] == 30 + covered

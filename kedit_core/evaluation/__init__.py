@@ -24,7 +24,7 @@ from .facts import (Fact, FactProbe, FLearningMetrics, RetentionMetrics, accurac
                     retention_metrics, token_agreement)
 from .generation import GenerationSettings, greedy_completions, prompt_seed, sample_ids, sample_texts
 from .harness import EditPlan, EvalSettings, aggregate, evaluate_cases, run_evaluation
-from .perplexity import perplexity
+from .perplexity import documents_covering, perplexity
 from .report import format_summary, plot_before_after, plot_scaling, write_report
 from .text_metrics import TfidfModel, generation_entropy, ngram_entropy, word_tokenize
 from .zsre import ZSRE_METRICS, aggregate_zsre, score_zsre
@@ -34,7 +34,7 @@ __all__ = [
     "GenerationSettings", "PROBABILITY_METRICS", "ReferenceTexts", "RetentionMetrics", "TfidfModel", "ZSRE_METRICS",
     "ZsreCase", "accuracy", "aggregate", "aggregate_counterfact", "aggregate_records", "aggregate_zsre",
     "cases_from_records", "counterfact_generation", "evaluate_cases", "format_summary", "generation_entropy",
-    "harmonic_mean", "load_cases", "locality", "ngram_entropy", "perplexity", "plot_before_after", "plot_scaling", "predict_facts",
+    "documents_covering", "harmonic_mean", "load_cases", "locality", "ngram_entropy", "perplexity", "plot_before_after", "plot_scaling", "predict_facts",
     "prompt_seed", "retention_metrics", "run_evaluation", "sample_ids", "sample_texts", "score_counterfact", "score_zsre",
     "token_agreement", "word_tokenize", "write_report",
 ]

@@ -58,3 +58,15 @@ def perplexity(model, tokenizer, documents: Sequence[str], *, window: int = 512,
     nll = total_nll / total_tokens
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": total_tokens, "windows": len(chunks),
             "window": window}
+
+
+def documents_covering(tokenizer, documents: Sequence[str], max_tokens: int) -> int:
+    """How many leading ``documents`` :func:`perplexity` reads for ``max_tokens`` tokens, plus one as a
+    margin (tokens can merge across the joins): the documents from that index on are never scored, so
+    statistics drawn from them stay disjoint from the held-out text."""
+    seen = 0
+    for index, document in enumerate(documents):
+        seen += len(tokenizer(document, add_special_tokens=False)["input_ids"]) + 1
+        if seen >= max_tokens:
+            return min(index + 2, len(documents))
+    return len(documents)
