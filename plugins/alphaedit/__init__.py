@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 import kedit_core
 from kedit_core.editing import (BatchEditHParams, BatchEditor, alphaedit_regulariser_solve, alphaedit_solve,
                                 compute_batch_edit, covariance_factors)
@@ -39,6 +41,17 @@ class AlphaEditHParams(BatchEditHParams):
         super().validate()
         self.require(self.nullspace_threshold > 0, "nullspace_threshold", "must be positive")
         self.require(self.L2 > 0, "L2", "must be positive (the projected system is singular without it)")
+
+
+# Above this share of C0's energy in the kept directions, the "null space" protects little (reported).
+KEPT_ENERGY_WARNING = 0.05
+
+
+def kept_energy(factors, layer: int, threshold: float) -> float:
+    """tr(Ûᵀ C0 Û) / tr(C0): the share of the preserved keys' energy an update inside Û can still change."""
+    basis = factors.nullspace(layer, threshold)
+    moment = factors.moment(layer)
+    return float((basis * (moment @ basis)).sum() / torch.trace(moment))
 
 
 class AlphaEditEditor(BatchEditor):
@@ -72,8 +85,22 @@ class AlphaEditEditor(BatchEditor):
 
         result = compute_batch_edit(model, requests, hp, context, layers=layers, solve=solve, factors=factors,
                                     regulariser_solve=regulariser_solve, prepare=prepare)
-        result.info["nullspace_dims"] = {layer: int(factors.nullspace(layer, hp.nullspace_threshold).shape[1])
-                                         for layer in layers} if not hp.reference else {}
+        if not hp.reference:
+            result.info["nullspace_dims"] = {layer: int(factors.nullspace(layer, hp.nullspace_threshold).shape[1])
+                                             for layer in layers}
+            result.info["nullspace_energy"] = energy = {layer: kept_energy(factors, layer, hp.nullspace_threshold)
+                                                        for layer in layers}
+            leaky = {layer: share for layer, share in energy.items() if share > KEPT_ENERGY_WARNING}
+            if leaky:
+                worst = max(leaky, key=leaky.get)
+                context.say(f"alphaedit: nullspace_threshold {hp.nullspace_threshold:g} keeps directions holding "
+                            f"{100 * leaky[worst]:.0f} % of C0's energy at layer {worst} "
+                            f"({len(leaky)} of {len(layers)} layers above {100 * KEPT_ENERGY_WARNING:.0f} %): "
+                            f"this is not a null space of the preserved keys on this model, and edits will reach "
+                            f"generic text; the threshold is absolute (the published 2e-2 suits GPT-J's key "
+                            f"scale), so choose it from this model's C0 spectrum")
+        else:
+            result.info["nullspace_dims"] = {}
         result.info["preserved_layers"] = sorted(layer for layer in layers if layer in preserved)
         return result
 

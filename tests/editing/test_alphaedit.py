@@ -167,3 +167,22 @@ def test_published_settings_ship_and_validate():
     assert editor.default_hparams(smol).layers == [3, 4, 5, 6, 7]   # MEMIT's swept SmolLM2 layers
     with pytest.raises(KeditError, match="L2"):
         editor.HParams.from_dict({"L2": 0})
+
+
+def test_kept_energy_is_reported_and_a_leaky_threshold_is_named(gpt2):
+    """result.info carries, per layer, the share of C0's energy inside the kept directions (the eigenvalues
+    below the threshold over the trace); a threshold keeping more than 5 % of it is said, with the layer."""
+    model, cov = gpt2
+    requests = requests_for_tests()[:2]
+    values = torch.linalg.eigvalsh(cov.moment(model, 1).mom2.double())
+    messages = []
+    tight = edit(model, cov, requests, layers=[1], nullspace_threshold=float(values[3]) * 1.0001,
+                 context={"log": messages.append})
+    expected = float(values[:4].sum() / values.sum())
+    assert tight.info["nullspace_dims"] == {1: 4}
+    assert tight.info["nullspace_energy"][1] == pytest.approx(expected, rel=1e-9) and expected < 0.05
+    assert not [m for m in messages if "C0's energy" in m]
+    loose = edit(model, cov, requests, layers=[1], nullspace_threshold=float(values[-1]) * 2,
+                 context={"log": messages.append})
+    assert loose.info["nullspace_energy"][1] == pytest.approx(1.0, rel=1e-9)
+    assert [m for m in messages if "keeps directions holding 100 % of C0's energy at layer 1" in m]
