@@ -155,7 +155,9 @@ def test_published_settings_ship_and_validate():
     index = json.loads(root.joinpath("index.json").read_text())
     for entry in index["models"]:
         hp = editor.HParams.from_json(root.joinpath(entry["file"]))
-        assert hp.nullspace_threshold == 2e-2 and hp.L2 == 10 and entry["source"]
+        # SmolLM2's threshold is swept (its C0's eigenvalues average ~2e-2); the others are the published one
+        expected = 1e-2 if entry["file"] == "smollm2-135m.json" else 2e-2
+        assert hp.nullspace_threshold == expected and hp.L2 == 10 and entry["source"]
     import transformers
 
     llama3 = SimpleNamespace(model=SimpleNamespace(config=transformers.LlamaConfig(
