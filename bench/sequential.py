@@ -4,7 +4,9 @@ paper's setting, with curves of who survives the stream.
 For every editor a :class:`kedit_core.session.EditSession` (on disk under ``--work``) takes the stream one
 batch at a time; after each batch ``k`` the model is measured with kedit's evaluation module:
 
-* ES / PS / NS (CounterFact) or efficacy / paraphrase / specificity (zsRE) over *all* edits so far;
+* ES / PS / NS (CounterFact) or efficacy / paraphrase / specificity (zsRE) over *all* edits so far, and
+  split into the edits still standing and those overwritten by a later edit of the same subject (zsRE dev
+  edits one subject several times, to different answers: an overwritten edit is not a forgotten one);
 * the same metrics over ``--unedited`` records that are never edited (the records after the stream):
   their facts should stay as the unedited model has them;
 * ‖W_k‖ / ‖W_0‖ of every edited matrix (the session's norm statistics);
@@ -40,6 +42,7 @@ from kedit_core.atomic import write_bytes_atomic, write_json_atomic  # noqa: E40
 from kedit_core.errors import KeditError  # noqa: E402
 from kedit_core.evaluation import (EvalSettings, aggregate, documents_covering, evaluate_cases, load_cases,  # noqa: E402
                                    perplexity)
+from kedit_core.requests import superseded_by_later  # noqa: E402
 from kedit_core.session import EditSession  # noqa: E402
 from kedit_core.stats import CachedCovariance, open_corpus  # noqa: E402
 
@@ -62,6 +65,11 @@ def load_partial(path: Path, key: str):
     return None
 
 
+def record_metrics(records: list[dict]) -> list[dict]:
+    """Each record's metrics (rounded: they are percentages), kept so any subset can be aggregated later."""
+    return [{k: (None if v is None else round(v, 4)) for k, v in r["metrics"].items()} for r in records]
+
+
 def measure(model, stream, unedited, fmt, held_out, args) -> dict:
     settings = EvalSettings(generation=False, progress=not args.no_progress)
     start = time.perf_counter()
@@ -71,8 +79,23 @@ def measure(model, stream, unedited, fmt, held_out, args) -> dict:
                      progress=not args.no_progress)
     return {"edited": aggregate(edited_records, fmt) if edited_records else None,
             "unedited": aggregate(unedited_records, fmt) if unedited_records else None,
+            "edited_metrics": record_metrics(edited_records),
             "perplexity": ppl, "eval_seconds": time.perf_counter() - start,
             "loadavg": list(os.getloadavg())}
+
+
+def split_by_standing(metrics: list[dict] | None, stream, fmt: str) -> dict:
+    """Aggregates over the edits of ``stream`` (the first k batches) that still stand and over those a later
+    edit of the same subject within ``stream`` overwrote; None where the per-record metrics were not kept
+    (measurements from before they were) or a group is empty."""
+    later = superseded_by_later([c.request for c in stream])
+    out = {"superseded": sum(j is not None for j in later), "edited_standing": None, "edited_superseded": None}
+    if metrics is None or len(metrics) != len(stream):
+        return out
+    for name, keep in (("edited_standing", lambda j: j is None), ("edited_superseded", lambda j: j is not None)):
+        chosen = [{"metrics": m} for m, j in zip(metrics, later) if keep(j)]
+        out[name] = strip(aggregate(chosen, fmt)) if chosen else None
+    return out
 
 
 def strip(agg: dict | None) -> dict | None:
@@ -111,6 +134,7 @@ def run_editor(spec: dict, model, cases_stream, unedited, fmt, held_out, stats, 
                          "norms": record["norms"], "norm_ratio_max": max(ratios), "norm_ratio_mean":
                          sum(ratios) / len(ratios), **{f: result[f] for f in ("eval_seconds", "loadavg")},
                          "edited": strip(result["edited"]), "unedited": strip(result["unedited"]),
+                         **split_by_standing(result.get("edited_metrics"), cases_stream[: k * batch_size], fmt),
                          "perplexity": result["perplexity"]["perplexity"]})
             say(f"{label}: after {k * batch_size} edits: " + summary_line(rows[-1], fmt))
     finally:
@@ -123,7 +147,13 @@ def run_editor(spec: dict, model, cases_stream, unedited, fmt, held_out, stats, 
 def summary_line(row: dict, fmt: str) -> str:
     metrics = [m for _, m in PANELS[fmt][:3]]
     edited = row["edited"] or {}
-    return (", ".join(f"{m} {edited.get(m, float('nan')):.1f}" for m in metrics)
+    standing = ""
+    if row.get("superseded") and row.get("edited_standing"):
+        standing = (f" (standing {row['edited_standing'][metrics[0]]:.1f}, {row['superseded']} overwritten "
+                    f"{row['edited_superseded'][metrics[0]]:.1f})")
+    parts = [f"{m} {edited.get(m, float('nan')):.1f}" for m in metrics]
+    parts[0] += standing
+    return (", ".join(parts)
             + f"; unedited {PANELS[fmt][3][1]} {(row['unedited'] or {}).get(PANELS[fmt][3][1], float('nan')):.1f}"
             + f"; ppl {row['perplexity']:.2f}; ‖W‖/‖W0‖ max {row.get('norm_ratio_max', 1.0):.3f}")
 
@@ -155,7 +185,11 @@ def plot(result: dict, path: Path) -> None:
                 ys = [base["perplexity"]] + [r["perplexity"] for r in rows]
             else:
                 ys = [1.0] + [r["norm_ratio_max"] for r in rows]
-            ax.plot(xs, ys, marker="o", ms=3, label=editor, color=COLORS.get(editor))
+            line, = ax.plot(xs, ys, marker="o", ms=3, label=editor, color=COLORS.get(editor))
+            if scope == "edited" and any(r.get("superseded") and r.get("edited_standing") for r in rows):
+                standing = [(r.get("edited_standing") or {}).get(metric, float("nan")) for r in rows]
+                ax.plot(xs[1:], standing, ls=":", marker=".", color=line.get_color(),
+                        label=f"{editor}: edits not overwritten later")
         if scope == "edited":  # the unedited model on the same records (the first k batches)
             xs = [r["edits"] for r in next(iter(by_editor.values()))]
             ax.plot(xs, [b.get(metric) for b in base["edited_by_batch"][1:len(xs) + 1]], ls="--", color="grey",
@@ -183,15 +217,19 @@ def write_csv(result: dict, path: Path) -> None:
     fmt = result["format"]
     metrics = [m for _, m in PANELS[fmt][:3]]
     header = ["editor", "method", "batch", "edits"] + metrics + [f"unedited_{m}" for m in metrics] + [
+        "overwritten"] + [f"standing_{m}" for m in metrics] + [f"overwritten_{m}" for m in metrics] + [
         "perplexity", "norm_ratio_max", "norm_ratio_mean", "edit_seconds", "eval_seconds", "load1"]
     lines = [",".join(header)]
     base_rows = [{"editor": "unedited", "method": "", "batch": k, "edits": k * result["settings"]["batch_size"],
                   "edited": b, "unedited": result["base"]["unedited"], "perplexity": result["base"]["perplexity"],
                   "norm_ratio_max": 1.0, "norm_ratio_mean": 1.0, "edit_seconds": 0, "eval_seconds": 0,
-                  "loadavg": [None]} for k, b in enumerate(result["base"]["edited_by_batch"]) if k]
+                  "loadavg": [None], **(result["base"].get("standing_by_batch") or [{}] * (k + 1))[k]}
+                 for k, b in enumerate(result["base"]["edited_by_batch"]) if k]
     for row in base_rows + result["rows"]:
         values = [row["editor"], row["method"], row["batch"], row["edits"]]
         values += [(row["edited"] or {}).get(m) for m in metrics] + [(row["unedited"] or {}).get(m) for m in metrics]
+        values += [row.get("superseded")] + [(row.get("edited_standing") or {}).get(m) for m in metrics] + [
+            (row.get("edited_superseded") or {}).get(m) for m in metrics]
         values += [row["perplexity"], row["norm_ratio_max"], row["norm_ratio_mean"], row["edit_seconds"],
                    row["eval_seconds"], row["loadavg"][0]]
         lines.append(",".join("" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)) for v in values))
@@ -253,6 +291,16 @@ def main(argv=None) -> int:
     held_out = documents[args.held_out_from:]
     if not held_out:
         raise KeditError(f"--held-out-from {args.held_out_from} leaves no held-out documents of {args.corpus}")
+    # The measurements kept under <out>/partial/ belong to one stream (its records and its never-edited
+    # ones): a run with another stream shape on the same --out would mix them.
+    shape = {"data": str(args.data), "batches": args.batches, "batch_size": args.batch_size,
+             "unedited": args.unedited}
+    shape_path = args.out / "partial" / "stream.json"
+    if shape_path.exists():
+        kept = json.loads(shape_path.read_text(encoding="utf-8"))
+        if kept != shape:
+            changed = ", ".join(f"{k} {kept.get(k)} -> {v}" for k, v in shape.items() if kept.get(k) != v)
+            raise KeditError(f"{args.out} holds measurements of another stream ({changed}); use another --out")
     torch.manual_seed(args.seed)
     model = load_model(args.model, device="cpu")
     base_fingerprint = model.fingerprint()
@@ -269,20 +317,26 @@ def main(argv=None) -> int:
     args.eval_key = {"ppl": [args.ppl_tokens, args.ppl_window, args.held_out_from], "unedited": args.unedited,
                      "data": str(args.data), "model": base_fingerprint}
 
+    if not shape_path.exists():
+        write_json_atomic(shape_path, shape, indent=1)
     base_key = digest({"eval": args.eval_key, "total": total, "fmt": fmt})
     base_path = args.out / "partial" / "base.json"
     base = load_partial(base_path, base_key)
-    if base is None:
+    if base is None or "stream_metrics" not in base:  # (older files lack the per-record metrics)
         say(f"measuring the unedited model on {total} + {len(unedited)} records")
         settings = EvalSettings(generation=False, progress=not args.no_progress)
         records = evaluate_cases(model, stream, fmt, settings)
         by_batch = [None] + [strip(aggregate(records[: k * args.batch_size], fmt)) for k in range(1, args.batches + 1)]
         other = measure(model, [], unedited, fmt, held_out, args)
-        base = {"edited_by_batch": by_batch, "unedited": strip(other["unedited"]),
+        base = {"edited_by_batch": by_batch, "stream_metrics": record_metrics(records),
+                "unedited": strip(other["unedited"]),
                 "perplexity": other["perplexity"]["perplexity"], "perplexity_detail": other["perplexity"],
                 "loadavg": other["loadavg"]}
         write_json_atomic(base_path, {"key": base_key, "result": base}, indent=1)
 
+    base["standing_by_batch"] = [None] + [
+        split_by_standing(base["stream_metrics"][: k * args.batch_size], stream[: k * args.batch_size], fmt)
+        for k in range(1, args.batches + 1)]
     rows = []
     for spec in specs:
         rows += run_editor(spec, model, stream, unedited, fmt, held_out, stats, args, base_fingerprint, say)
@@ -294,7 +348,7 @@ def main(argv=None) -> int:
                            "held_out": {"documents_from": args.held_out_from, "tokens": args.ppl_tokens,
                                         "window": args.ppl_window},
                            "torch_threads": torch.get_num_threads(), "editors": specs},
-              "base": base, "rows": rows}
+              "base": {k: v for k, v in base.items() if k != "stream_metrics"}, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     existing = args.out / "sequential.json"
     if existing.exists() and args.select:  # merge with editors measured by earlier runs of the same stream

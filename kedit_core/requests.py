@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable, Sequence
 from .errors import EditConflictError, RecordError
 
 __all__ = ["EditRequest", "load_requests", "requests_from_records", "requests_sha256", "detect_format",
-           "read_records", "read_json_file", "read_text_file", "parse_json", "check_conflicts"]
+           "read_records", "read_json_file", "read_text_file", "parse_json", "check_conflicts",
+           "superseded_by_later"]
 
 
 def _visible(text: str) -> bool:
@@ -268,3 +269,17 @@ def check_conflicts(requests: Sequence[EditRequest]) -> list[str]:
                             "share the words before it; their keys coincide at the subject's last token, so the "
                             "edits compete")
     return warnings
+
+
+def superseded_by_later(requests: Sequence[EditRequest]) -> list[int | None]:
+    """For each request of a stream (in the order the edits are made), the index of the first later request
+    that edits the same subject, or None. The editors that write keys (MEMIT, AlphaEdit, ROME, ...) read the
+    key at the subject's last token, so a later edit of the same subject, through any prompt, rewrites the
+    value stored there: an earlier edit that no longer holds was overwritten, not forgotten."""
+    later: dict[str, int] = {}
+    out: list[int | None] = [None] * len(requests)
+    for i in range(len(requests) - 1, -1, -1):
+        subject = requests[i].subject.strip()
+        out[i] = later.get(subject)
+        later[subject] = i
+    return out

@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from kedit_core.testing import save_tiny_model
 
-from .conftest import DATA, REPO
+from .conftest import DATA, REPO, load_bench_script
 
 EDITORS = [{"label": "alphaedit", "method": "alphaedit",
             "overrides": {"layers": [1, 2], "nullspace_threshold": 1e-3, "L2": 1e-3, "clamp_norm_factor": 4.0,
@@ -32,9 +34,14 @@ def test_sequential_bench_writes_curves_and_resumes(tmp_path):
     for row in result["rows"]:
         assert set(row["edited"]) >= {"ES", "PS", "NS"} and row["unedited"]["num_records"] == 2
         assert row["perplexity"] > 1 and row["norm_ratio_max"] > 0
+        # four distinct subjects: every edit still stands
+        assert row["superseded"] == 0 and row["edited_standing"] == pytest.approx(row["edited"], abs=1e-3)
+        assert row["edited_superseded"] is None
     assert len(result["base"]["edited_by_batch"]) == 3 and result["base"]["perplexity"] > 1
     rows = list(csv.DictReader((out / "sequential.csv").open()))
     assert {r["editor"] for r in rows} == {"unedited", "alphaedit"}
+    assert {"overwritten", "standing_ES", "overwritten_ES"} <= set(rows[0])
+    assert "stream_metrics" not in result["base"] and len(result["base"]["standing_by_batch"]) == 3
     assert (out / "sequential.png").read_bytes()[:4] == b"\x89PNG"
     assert len(json.loads((out / "sessions" / "alphaedit" / "session.json").read_text())["batches"]) == 2
 
@@ -88,3 +95,47 @@ def test_sequential_bench_draws_c0_from_after_the_held_out_text(tmp_path):
     documents = list(open_corpus(str(DATA / "wikitext-2-raw" / "wiki.test.raw")).documents())
     covered = documents_covering(AutoTokenizer.from_pretrained(model), documents[30:], 600)
     assert covered > 2 and stats["documents_from"] == 30 + covered
+
+
+def test_overwritten_edits_are_scored_apart_from_standing_ones():
+    """zsRE dev edits one subject several times: an earlier edit that a later one of the same subject
+    overwrote is aggregated apart, and measurements without per-record metrics give no split."""
+    from types import SimpleNamespace
+
+    from kedit_core import EditRequest
+
+    sequential = load_bench_script("sequential")
+    stream = [SimpleNamespace(request=EditRequest(prompt, subject, target)) for prompt, subject, target in [
+        ("Which company built {}?", "USS Leedstown", "Boeing"), ("Who was {} born to?", "Ada", "Zeus"),
+        ("Who made {}?", "USS Leedstown", "Airbus"), ("Where is {}?", "Rome", "Spain")]]
+    metrics = [{"efficacy": 0.0, "paraphrase": 10.0, "specificity": 50.0},
+               {"efficacy": 100.0, "paraphrase": 80.0, "specificity": 40.0},
+               {"efficacy": 90.0, "paraphrase": 70.0, "specificity": 30.0},
+               {"efficacy": 80.0, "paraphrase": 60.0, "specificity": 20.0}]
+    split = sequential.split_by_standing(metrics, stream, "zsre")
+    assert split["superseded"] == 1
+    assert split["edited_superseded"]["efficacy"] == 0.0 and split["edited_superseded"]["num_records"] == 1
+    assert split["edited_standing"]["efficacy"] == 90.0 and split["edited_standing"]["num_records"] == 3
+    assert split["edited_standing"]["specificity"] == 30.0
+    # the first two edits alone: nothing overwritten yet
+    first_two = sequential.split_by_standing(metrics[:2], stream[:2], "zsre")
+    assert first_two["superseded"] == 0 and first_two["edited_superseded"] is None
+    assert first_two["edited_standing"]["efficacy"] == 50.0
+    assert sequential.split_by_standing(None, stream, "zsre") == {"superseded": 1, "edited_standing": None,
+                                                                   "edited_superseded": None}
+
+
+def test_a_stream_of_another_shape_is_refused_on_the_same_out(tmp_path):
+    out = tmp_path / "out"
+    (out / "partial").mkdir(parents=True)
+    (out / "partial" / "stream.json").write_text(json.dumps(
+        {"data": str(DATA / "counterfact_dev.json"), "batches": 3, "batch_size": 2, "unedited": 1}))
+    editors = tmp_path / "editors.json"
+    editors.write_text(json.dumps(EDITORS))
+    before = sorted(p.name for p in (out / "partial").iterdir())
+    other = run_bench(["--model", str(tmp_path / "never-loaded"), "--editors", str(editors), "--out", str(out),
+                       "--stats-docs", "100"], tmp_path)
+    assert other.returncode == 2
+    assert other.stderr.strip() == (f"sequential: error: {out} holds measurements of another stream "
+                                    "(batches 3 -> 1); use another --out")
+    assert sorted(p.name for p in (out / "partial").iterdir()) == before

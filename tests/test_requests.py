@@ -4,7 +4,7 @@ import pytest
 
 from kedit_core import EditRequest, load_requests
 from kedit_core.errors import EditConflictError, RecordError
-from kedit_core.requests import check_conflicts, requests_sha256
+from kedit_core.requests import check_conflicts, requests_sha256, superseded_by_later
 
 
 def test_counterfact_loader(counterfact_path):
@@ -86,3 +86,14 @@ def test_conflicts():
     # the words before the subject differ: different keys, no warning (zsRE questions)
     d = EditRequest("Which sport does {} play?", "LeBron James", "football")
     assert check_conflicts([a, d]) == []
+
+
+def test_a_later_edit_of_the_same_subject_supersedes_an_earlier_one_through_any_prompt():
+    stream = [EditRequest("{} plays the sport of", "LeBron James", "football"),
+              EditRequest("{} was born in", "Tim Cook", "Paris"),
+              EditRequest("Which company built {}?", "USS Leedstown", "Boeing"),
+              EditRequest("Who made {}?", "USS Leedstown", "Airbus"),
+              EditRequest("{} was born in", " LeBron James", "Rome"),
+              EditRequest("What company built {}?", "USS Leedstown", "Toyota")]
+    assert superseded_by_later(stream) == [4, None, 3, 5, None, None]
+    assert superseded_by_later([]) == []
