@@ -24,6 +24,7 @@ dashed: the unedited model).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -350,19 +351,24 @@ def main(argv=None) -> int:
                            "torch_threads": torch.get_num_threads(), "editors": specs},
               "base": {k: v for k, v in base.items() if k != "stream_metrics"}, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    existing = args.out / "sequential.json"
-    if existing.exists() and args.select:  # merge with editors measured by earlier runs of the same stream
-        old = json.loads(existing.read_text(encoding="utf-8"))
-        if old.get("model", {}).get("fingerprint") == base_fingerprint and old.get("settings", {}).get("batches") == \
-                args.batches:
-            kept = [r for r in old["rows"] if r["editor"] not in {s["label"] for s in specs}]
-            result["rows"] = kept + rows
-            known = {s["label"] for s in specs}
-            result["settings"]["editors"] = [s for s in old["settings"]["editors"] if s["label"] not in known] + specs
-            result["commands"] = old.get("commands", [old.get("command")]) + [result["command"]]
-    write_json_atomic(existing, result, indent=1)
-    write_csv(result, args.out / "sequential.csv")
-    plot(result, args.out / "sequential.png")
+    # Editors of one stream often run as parallel processes (--select): the read-merge-write is serialised.
+    with open(args.out / "partial" / ".merge.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        existing = args.out / "sequential.json"
+        if existing.exists() and args.select:  # merge with editors measured by earlier runs of the same stream
+            old = json.loads(existing.read_text(encoding="utf-8"))
+            same_stream = (old.get("model", {}).get("fingerprint") == base_fingerprint
+                           and old.get("settings", {}).get("batches") == args.batches)
+            if same_stream:
+                kept = [r for r in old["rows"] if r["editor"] not in {s["label"] for s in specs}]
+                result["rows"] = kept + rows
+                known = {s["label"] for s in specs}
+                result["settings"]["editors"] = [s for s in old["settings"]["editors"]
+                                                 if s["label"] not in known] + specs
+                result["commands"] = old.get("commands", [old.get("command")]) + [result["command"]]
+        write_json_atomic(existing, result, indent=1)
+        write_csv(result, args.out / "sequential.csv")
+        plot(result, args.out / "sequential.png")
     say(f"wrote {existing}, sequential.csv, sequential.png")
     return 0
 
