@@ -8,6 +8,7 @@ each position's logits must predict, ``-100`` elsewhere), right-padded.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -223,6 +224,26 @@ def supports_logits_to_keep(model) -> bool:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for a forward of ``model``: transformers 5 renamed ``past_key_values`` to ``cache``
+    (the old name warns, and goes in a later release); 4.x knows only the old name."""
+    return {_cache_argument(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(cls) -> str:
+    try:
+        return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward returned (``cache`` in transformers 5, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def labelled_logits(model, batch: PromptTargetBatch, *, select: bool | None = None) -> torch.Tensor:

@@ -113,3 +113,27 @@ def test_edit_output_of_a_block_whatever_it_returns(family):
         assert primary(tr.output)[0, 0, 0] > 25.0  # the retained output is the edited one
         again = m.model(**ids).logits  # hook removed
     torch.testing.assert_close(again, base)
+
+
+def test_the_kv_cache_goes_by_the_name_the_model_takes():
+    """transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns, then goes); 4.x knows
+    only the old name. A cached continuation must equal the full forward either way."""
+    from kedit_core.text import cache_kwargs, output_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=False):
+            return input_ids
+
+    assert cache_kwargs(Old(), "kv") == {"past_key_values": "kv"} and cache_kwargs(New(), "kv") == {"cache": "kv"}
+    model = tiny_model("llama").model
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, -1]
+        first = model(input_ids=ids[:, :4], use_cache=True)
+        assert output_cache(first) is not None
+        step = model(input_ids=ids[:, 4:], use_cache=True, **cache_kwargs(model, output_cache(first))).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)

@@ -40,6 +40,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..editing.forward import BlockOutput, RowJoinUnsupported, joining_rows, replaying_blocks
+from ..text import cache_kwargs, output_cache
 from ..tracing import TraceDict, primary, replace_primary
 
 __all__ = ["KINDS", "Restore", "Cell", "window_layers", "heatmap_cells", "FactTracer", "rome_forward_count"]
@@ -154,8 +155,6 @@ class FactTracer:
         self._corrupted_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         forward_params = inspect.signature(model.model.forward).parameters
         self._last_logits_only = "logits_to_keep" in forward_params
-        # transformers 5.x renames past_key_values to cache (the old name warns, then goes)
-        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
         self._names = {"hidden": self.adapter.layer_name, "mlp": self.adapter.mlp_name,
                        "attn": self.adapter.attn_name}
         self._kind_of = {self._names[k](i): (k, i) for k in KINDS for i in range(self.num_layers)}
@@ -205,8 +204,7 @@ class FactTracer:
                        edit_output=corrupt) as td:
             out = self._forward(ids, use_cache=True)
         self._corrupted_blocks = [BlockOutput(primary(td[name].output), td[name].output) for name in blocks]
-        cache = getattr(out, "cache", None)
-        self._corrupted_kv = self._kv_prefix_source(cache if cache is not None else getattr(out, "past_key_values", None))
+        self._corrupted_kv = self._kv_prefix_source(output_cache(out))
         self.p_corrupted = float(self._answer_probabilities(out.logits).mean())
         return self.p_corrupted
 
@@ -311,7 +309,8 @@ class FactTracer:
             from transformers import DynamicCache
 
             prefix = [(k[sample_of_row, :, :first], v[sample_of_row, :, :first]) for k, v in self._corrupted_kv]
-            kwargs = {self._cache_arg: DynamicCache(prefix, config=self.model.model.config), "use_cache": True}
+            kwargs = {**cache_kwargs(self.model.model, DynamicCache(prefix, config=self.model.model.config)),
+                      "use_cache": True}
         ids = self.ids[:, first:].expand(rows, -1)
         names = list(patches) + ([embed] if noise is not None else [])
         with TraceDict(self.model.model, names, retain_output=False, edit_output=restore), ExitStack() as stack:

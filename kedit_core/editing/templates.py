@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import KeditError
-from ..text import encode
+from ..text import cache_kwargs, encode, output_cache
 
 __all__ = ["TemplateRecipe", "MEMIT_RECIPE", "rome_recipe", "generate_context_templates", "validate_template_groups",
            "load_context_templates", "resolve_context_templates", "flatten_templates", "fill_template"]
@@ -65,8 +65,8 @@ def _sample(model, prompt: str, count: int, max_tokens: int, top_k: int, generat
     step, past = batch, None
     while batch.shape[1] < max_tokens:
         # One new token per step: the KV cache holds the rest, and only the last position's logits are made.
-        output = model.model(input_ids=step, past_key_values=past, use_cache=True, logits_to_keep=1)
-        past = output.past_key_values
+        output = model.model(input_ids=step, use_cache=True, logits_to_keep=1, **cache_kwargs(model.model, past))
+        past = output_cache(output)
         logits = output.logits[:, -1].float()
         probs = torch.softmax(logits, dim=-1)
         top = torch.topk(probs, top_k, dim=-1)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import KeditError
+from ..text import cache_kwargs
 from ..tracing import TraceDict, primary, replace_primary
 from .forward import BlockOutput, replaying_blocks
 from .rows import TokenRows
@@ -555,8 +556,8 @@ class _SharedPrefixes:
                 head_mask[g, : len(h)] = 1
             cache = DynamicCache()
             with torch.no_grad(), TraceDict(model.model, [last_name], stop_after=last_name):
-                model.model(input_ids=head_ids.to(device), attention_mask=head_mask.to(device), past_key_values=cache,
-                            use_cache=True)
+                model.model(input_ids=head_ids.to(device), attention_mask=head_mask.to(device), use_cache=True,
+                            **cache_kwargs(model.model, cache))
             self.keys = [(layer.keys, layer.values) for layer in cache.layers]
 
     def prefix_cache(self, bucket_rows: torch.Tensor, split: torch.Tensor):
@@ -589,8 +590,8 @@ class _SharedPrefixes:
             own_ids = torch.where(own_mask[:, width_head:].bool(), own_ids, int(model.tokenizer.pad_token_id))
             cache = past if past is not None else DynamicCache()
             with torch.no_grad(), TraceDict(model.model, [self.last_name], stop_after=self.last_name):
-                model.model(input_ids=own_ids, attention_mask=mask, position_ids=idx, past_key_values=cache,
-                            use_cache=True)
+                model.model(input_ids=own_ids, attention_mask=mask, position_ids=idx, use_cache=True,
+                            **cache_kwargs(model.model, cache))
         else:
             cache = past
         # Unused columns may hold padding's keys/values (even NaN where a padded row attended to nothing): zero.
@@ -674,8 +675,8 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
                 mask = valid.long()
             deepest = names[0] if injection.site == "mlp" else names[-1]
             with torch.no_grad(), TraceDict(model.model, names, retain_output=True, stop_after=deepest) as td:
-                model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            use_cache=cache is not None)
+                model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache is not None,
+                            **cache_kwargs(model.model, cache))
             del cache
             init[mine] = primary(td[site].output)[local[first_row[mine]], 0].to(acc)   # the fact token: column 0
             replay_hidden = None
@@ -749,7 +750,7 @@ def _optimise_chunk(model, rows: TokenRows, requests: list[int], target_lengths,
                 with replay, TraceDict(model.model, traced, retain_output=True, stop_after=last_name,
                                        edit_output=add_delta) as tdb:
                     model.model(input_ids=ids[kept], attention_mask=mask[kept], position_ids=positions[kept],
-                                past_key_values=past, use_cache=past is not None)
+                                use_cache=past is not None, **cache_kwargs(model.model, past))
                 local = torch.full((len(chunk_rows),), -1, dtype=torch.long, device=device)
                 local[sel] = arange
                 label_is.zero_()

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import torch
 
-from ..text import encode, fit_prompt, model_context_length, supports_logits_to_keep
+from ..text import (cache_kwargs, encode, fit_prompt, model_context_length, output_cache,
+                    supports_logits_to_keep)
 
 __all__ = ["GenerationSettings", "greedy_completions", "sample_ids", "sample_texts", "prompt_seed", "uniform_draws",
            "top_k_choice"]
@@ -68,7 +69,7 @@ def _sample_batch(model, ids: torch.Tensor, uniforms: torch.Tensor, max_length: 
     # Only the last position's logits are needed from the prompt pass.
     first = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
     out = model(input_ids=ids, use_cache=True, **first)
-    past = out.past_key_values
+    past = output_cache(out)
     logits = out.logits[:, -1]
     step = 0
     while ids.shape[1] < max_length:
@@ -77,8 +78,8 @@ def _sample_batch(model, ids: torch.Tensor, uniforms: torch.Tensor, max_length: 
         step += 1
         if ids.shape[1] >= max_length:
             break
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        out = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, past))
+        past, logits = output_cache(out), out.logits[:, -1]
     return ids
 
 
@@ -151,8 +152,8 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
         past = None
         step = ids
         for _ in range(max_new_tokens):
-            output = model(input_ids=step, past_key_values=past, use_cache=True)
-            past = output.past_key_values
+            output = model(input_ids=step, use_cache=True, **cache_kwargs(model, past))
+            past = output_cache(output)
             token = int(output.logits[0, -1].argmax())
             if token == eos:
                 break
