@@ -9,7 +9,8 @@ import kedit_core as kedit
 from kedit_core import Deltas
 from kedit_core.errors import AdapterNotFoundError, KeditError, NumericalError, RecordError
 from kedit_core.stats import InMemoryCovariance
-from kedit_core.testing import save_tiny_model, test_tokenizer, tiny_model
+from kedit_core.testing import save_tiny_model, tiny_model
+from kedit_core.testing import test_tokenizer as make_test_tokenizer  # (its own name: collected as a test)
 
 from .conftest import edit, identity_covariance, weights_sha256
 
@@ -73,7 +74,7 @@ def test_an_unsupported_architecture(tmp_path):
     config = BertConfig(vocab_size=4096, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, is_decoder=True)
     BertLMHeadModel(config).save_pretrained(tmp_path / "bert")
-    test_tokenizer().save_pretrained(tmp_path / "bert")
+    make_test_tokenizer().save_pretrained(tmp_path / "bert")
     with pytest.raises(AdapterNotFoundError, match=r"no kedit model adapter for config class 'BertConfig'"):
         kedit.load_model(tmp_path / "bert", device="cpu")
 
