@@ -224,7 +224,7 @@ def write_csv(result: dict, path: Path) -> None:
     base_rows = [{"editor": "unedited", "method": "", "batch": k, "edits": k * result["settings"]["batch_size"],
                   "edited": b, "unedited": result["base"]["unedited"], "perplexity": result["base"]["perplexity"],
                   "norm_ratio_max": 1.0, "norm_ratio_mean": 1.0, "edit_seconds": 0, "eval_seconds": 0,
-                  "loadavg": [None], **(result["base"].get("standing_by_batch") or [{}] * (k + 1))[k]}
+                  "loadavg": [None], **result["base"]["standing_by_batch"][k]}
                  for k, b in enumerate(result["base"]["edited_by_batch"]) if k]
     for row in base_rows + result["rows"]:
         values = [row["editor"], row["method"], row["batch"], row["edits"]]

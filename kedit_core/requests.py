@@ -274,8 +274,9 @@ def check_conflicts(requests: Sequence[EditRequest]) -> list[str]:
 def superseded_by_later(requests: Sequence[EditRequest]) -> list[int | None]:
     """For each request of a stream (in the order the edits are made), the index of the first later request
     that edits the same subject, or None. The editors that write keys (MEMIT, AlphaEdit, ROME, ...) read the
-    key at the subject's last token, so a later edit of the same subject, through any prompt, rewrites the
-    value stored there: an earlier edit that no longer holds was overwritten, not forgotten."""
+    key at the subject's last token, so a later edit of the same subject may write over the earlier one's value;
+    scoring such edits apart tells overwriting from forgetting (how far the keys of two prompts of one subject
+    differ decides which it is)."""
     later: dict[str, int] = {}
     out: list[int | None] = [None] * len(requests)
     for i in range(len(requests) - 1, -1, -1):
