@@ -146,10 +146,11 @@ def test_the_real_models_get_their_swept_settings():
     assert alphaedit.default_hparams(smollm2).layers == SMOLLM2_MEMIT_LAYERS
     gemma3 = fake_model("Gemma3TextConfig", **GEMMA3)
     gemma_memit = memit.default_hparams(gemma3)
-    # the post-norm sweep's choice: Gemma's large residual stream needs a larger value step than the published 0.5
-    assert gemma_memit.layers == [4, 5, 6, 7, 8] and gemma_memit.mom2_update_weight == 4000
+    # the post-norm sweeps' choice: Gemma's large residual stream needs a larger value step than the published 0.5,
+    # and its layers 6-8 do not tell subjects apart (memit-layers-postnorm*/: 1-5 keeps neighbours best)
+    assert gemma_memit.layers == [1, 2, 3, 4, 5] and gemma_memit.mom2_update_weight == 4000
     assert gemma_memit.v_lr == 2.0 and gemma_memit.v_loss_layer == 17
-    # EMMET and AlphaEdit optimise the same values at the same layers (their own sweeps: emmet/, alphaedit/)
+    # EMMET and AlphaEdit optimise the same values; their own sweeps (emmet/, alphaedit/) were at layers 4-8
     for editor in (emmet, alphaedit):
         hp = editor.default_hparams(gemma3)
         assert hp.layers == [4, 5, 6, 7, 8] and hp.v_lr == 2.0 and hp.v_loss_layer == 17, editor.name

@@ -42,7 +42,7 @@ def test_one_memit_edit_flips_the_answer(gemma3):
                                                                                 progress=False))
     before = gemma3.fingerprint()
     shipped = get_editor("memit").default_hparams(gemma3)
-    assert shipped.layers == [4, 5, 6, 7, 8] and shipped.v_lr == 2.0
+    assert shipped.layers == [1, 2, 3, 4, 5] and shipped.v_lr == 2.0
     result = kedit.compute_edit(gemma3, [request], "memit", context=context)  # with the shipped settings
     with result.deltas.apply(gemma3.model):
         after = greedy_completions(gemma3.model, gemma3.tokenizer, [request.filled_prompt])[0]
