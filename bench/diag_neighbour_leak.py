@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 import kedit_core as kedit
+from kedit_core.atomic import write_json_atomic
 from kedit_core.deltas import temporarily_applied
 from kedit_core.editing.positions import encode_prompts
 from kedit_core.tracing import TraceDict, primary
@@ -149,13 +150,15 @@ def main():
               f" (max over tokens {per_layer[str(l)]['neighbour_any_token']['linear_response_over_edited_median']['median']:.3g}),"
               f" realised/|h| {per_layer[str(l)]['neighbour_last_token']['realised_over_residual']['median']:.3g}", flush=True)
 
+    def margin(measured, i):
+        """log p(true) - log p(new) of request i's objects (first tokens) at the prompt's last token."""
+        return measured["logp"][true_id[i]] - measured["logp"][new_id[i]]
+
     all_n, all_e = run(neighbours, n_pos, deltas), run(e_ids, e_pos, deltas)
-    edited_shift = [float((b["logp"][true_id[i]] - b["logp"][new_id[i]]) - (a_["logp"][true_id[i]] - a_["logp"][new_id[i]]))
-                    for i, (b, a_) in enumerate(zip(base_e, all_e))]
+    edited_shift = [margin(b, i) - margin(a_, i) for i, (b, a_) in enumerate(zip(base_e, all_e))]
     shifts, flips, held = [], 0, 0
     for b, a_, i in zip(base_n, all_n, owner):
-        margin_b = float(b["logp"][true_id[i]] - b["logp"][new_id[i]])
-        margin_a = float(a_["logp"][true_id[i]] - a_["logp"][new_id[i]])
+        margin_b, margin_a = margin(b, i), margin(a_, i)
         shifts.append(margin_b - margin_a)
         if margin_b > 0:
             held += 1
@@ -171,7 +174,7 @@ def main():
             "of_those_flipped_after": flips,
         },
     }
-    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_json_atomic(a.out, result, indent=1)
     print(json.dumps(result["all_layers"]))
 
 
