@@ -178,3 +178,13 @@ def test_the_fine_tuning_family_finds_smollm2_settings_by_its_alias():
     ft, ftl = get_editor("ft").default_hparams(model), get_editor("ft-l").default_hparams(model)
     assert ft.layers == SMOLLM2_FT["layers"] and ft.lr == SMOLLM2_FT["lr"]
     assert ftl.layers == SMOLLM2_FTL["layers"] and ftl.norm_constraint == SMOLLM2_FTL["norm_constraint"]
+
+
+def test_the_fine_tuning_family_finds_gemma3_settings_by_its_alias():
+    # the Gemma sweep (ft/, ft-refine/, ft-l/ under bench/results/hparams/gemma3-270m): ~10x smaller lr and δ
+    # than SmolLM2's, because Gemma's MLP output weights are ~10x smaller
+    model = SimpleNamespace(model=SimpleNamespace(config=None), source="/cache/models/gemma3-270m-a5fd3b62230a",
+                            info={"alias": "gemma3-270m"}, adapter=SimpleNamespace(num_layers=18))
+    ft, ftl = get_editor("ft").default_hparams(model), get_editor("ft-l").default_hparams(model)
+    assert ft.layers == [1] and ft.lr == 1.5e-4
+    assert ftl.layers == [1] and ftl.lr == 1.5e-4 and ftl.norm_constraint == 2e-3
