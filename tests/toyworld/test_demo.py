@@ -22,3 +22,16 @@ def test_demo_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert "--num-edits 0" in capsys.readouterr().err
     assert main(["demo", "--method", "nope", "--out", str(tmp_path)]) == 2
     assert "no editor named 'nope'" in capsys.readouterr().err
+
+
+def test_the_demo_settings_are_valid_for_their_editor():
+    # The demo's own settings are validated data like any hyper-parameter file: a misspelt key or a wrong type
+    # would otherwise surface only on the real model, so each is parsed as the editor's --set flags would be.
+    from kedit_core.demo import DEMO_SETTINGS
+    from kedit_core.editors import get_editor
+    from kedit_core.hparams import parse_assignments
+
+    assert ("smollm2-135m", "memit") in DEMO_SETTINGS
+    for (_, method), settings in DEMO_SETTINGS.items():
+        flags = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+        assert parse_assignments(get_editor(method).HParams, flags) == settings
