@@ -54,6 +54,21 @@ COLORS = {"memit": "#d62728", "emmet": "#ff7f0e", "alphaedit": "#1f77b4", "alpha
           "rome": "#9467bd", "ft-l": "#8c564b"}
 
 
+def editor_colors(methods: dict[str, str]) -> dict[str, str]:
+    """One distinct colour per editor line: its label's, else its method's, else the next unused one (two
+    variants of one method, such as ``memit`` and ``memit-v15``, must not share a colour)."""
+    spare = ["#2ca02c", "#e377c2", "#7f7f7f", "#bcbd22", "#8c564b", "#9467bd", "#17becf", "#d62728", "#ff7f0e"]
+    chosen: dict[str, str] = {}
+    for editor, method in methods.items():
+        for color in (COLORS.get(editor), COLORS.get(method), *spare):
+            if color is not None and color not in chosen.values():
+                chosen[editor] = color
+                break
+        else:
+            chosen[editor] = spare[len(chosen) % len(spare)]
+    return chosen
+
+
 def digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -175,6 +190,7 @@ def plot(result: dict, path: Path) -> None:
     by_editor: dict[str, list] = {}
     for row in result["rows"]:
         by_editor.setdefault(row["editor"], []).append(row)
+    colors = editor_colors({editor: rows[0]["method"] for editor, rows in by_editor.items()})
     for ax, (title, scope, metric) in zip(axes.flat, panels):
         for editor, rows in by_editor.items():
             xs = [0] + [r["edits"] for r in rows]
@@ -186,7 +202,7 @@ def plot(result: dict, path: Path) -> None:
                 ys = [base["perplexity"]] + [r["perplexity"] for r in rows]
             else:
                 ys = [1.0] + [r["norm_ratio_max"] for r in rows]
-            line, = ax.plot(xs, ys, marker="o", ms=3, label=editor, color=COLORS.get(editor))
+            line, = ax.plot(xs, ys, marker="o", ms=3, label=editor, color=colors[editor])
             if scope == "edited" and any(r.get("superseded") and r.get("edited_standing") for r in rows):
                 standing = [(r.get("edited_standing") or {}).get(metric, float("nan")) for r in rows]
                 ax.plot(xs[1:], standing, ls=":", marker=".", color=line.get_color(),

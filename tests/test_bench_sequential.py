@@ -139,3 +139,14 @@ def test_a_stream_of_another_shape_is_refused_on_the_same_out(tmp_path):
     assert other.stderr.strip() == (f"sequential: error: {out} holds measurements of another stream "
                                     "(batches 3 -> 1); use another --out")
     assert sorted(p.name for p in (out / "partial").iterdir()) == before
+
+
+def test_every_editor_line_gets_its_own_colour():
+    """Two variants of one method (``memit`` and ``memit-v15``) and a label the table does not know once
+    fell back to matplotlib's cycle and drew two editors in one orange."""
+    bench = load_bench_script("sequential")
+    colors = bench.editor_colors({"alphaedit-t1e-2": "alphaedit", "memit-v15": "memit", "ft-l": "ft-l",
+                                  "emmet": "emmet", "memit": "memit", "rome": "rome"})
+    assert len(set(colors.values())) == 6
+    assert colors["memit-v15"] == bench.COLORS["memit"] and colors["emmet"] == bench.COLORS["emmet"]
+    assert colors["memit"] != colors["memit-v15"]
