@@ -57,7 +57,7 @@ COLORS = {"memit": "#d62728", "emmet": "#ff7f0e", "alphaedit": "#1f77b4", "alpha
 def editor_colors(methods: dict[str, str]) -> dict[str, str]:
     """One distinct colour per editor line: its label's, else its method's, else the next unused one (two
     variants of one method, such as ``memit`` and ``memit-v15``, must not share a colour)."""
-    spare = ["#2ca02c", "#e377c2", "#7f7f7f", "#bcbd22", "#8c564b", "#9467bd", "#17becf", "#d62728", "#ff7f0e"]
+    spare = [*COLORS.values(), "#2ca02c", "#e377c2", "#7f7f7f", "#bcbd22"]
     chosen: dict[str, str] = {}
     for editor, method in methods.items():
         for color in (COLORS.get(editor), COLORS.get(method), *spare):
