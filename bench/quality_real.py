@@ -64,7 +64,6 @@ def main(argv=None) -> int:
     import torch
 
     import kedit_core as kedit
-    from kedit_core.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
     from kedit_core.editors import get_editor
     from kedit_core.evaluation import EditPlan, EvalSettings, load_cases, run_evaluation, write_report
     from kedit_core.hparams import parse_assignments
@@ -77,15 +76,9 @@ def main(argv=None) -> int:
                "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                            "cpu_count": os.cpu_count()}, "models": {}}
     names = [m for m in args.models.split(",") if m]
-    previous_path = args.out / "quality.json"
-    if previous_path.exists():
-        previous = json.loads(previous_path.read_text(encoding="utf-8"))
-        if previous.get("method") == args.method:
-            for name, entry in previous.get("models", {}).items():
-                if name not in names:
-                    entry.setdefault("command", previous.get("command"))
-                    entry.setdefault("machine", previous.get("machine"))
-                    summary["models"][name] = entry
+
+    def save(final: bool = False) -> None:
+        save_summary(summary, names, args.out, final=final)
     plan_runs = [("counterfact", args.counterfact, [int(x) for x in args.cf_sizes.split(",") if x]),
                  ("zsre", args.zsre, [int(x) for x in args.zsre_sizes.split(",") if x])]
     for name in names:
@@ -123,13 +116,42 @@ def main(argv=None) -> int:
                     "  ".join(("met: " if g["met"] else "MISSED: ") + g["goal"] for g in row["goals"]),
                     file=sys.stderr)
             entry.setdefault("seconds", {})[dataset] = time.perf_counter() - start
-            write_json_atomic(args.out / "quality.json", summary)
+            save()
         del model
-    write_json_atomic(args.out / "quality.json", summary)
-    write_text_atomic(args.out / "quality.md", table(summary))
-    write_bytes_atomic(args.out / "quality.png", plot(summary))
+    save(final=True)
     print(table(summary))
     return 0
+
+
+def save_summary(summary: dict, names: list, out: Path, *, final: bool) -> None:
+    """Write ``out/quality.json`` with the models this run measured plus every other model already there
+    (same method). Models often run as parallel processes (one ``--models`` each), so the file is read again
+    under a lock at every write: reading it once at the start lost the rows another process wrote since."""
+    import fcntl
+
+    from kedit_core.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".quality.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = out / "quality.json"
+        order = []
+        if path.exists():
+            previous = json.loads(path.read_text(encoding="utf-8"))
+            if previous.get("method") == summary["method"]:
+                order = list(previous.get("models", {}))
+                for name, entry in previous.get("models", {}).items():
+                    if name not in names:
+                        entry.setdefault("command", previous.get("command"))
+                        entry.setdefault("machine", previous.get("machine"))
+                        summary["models"][name] = entry
+        # the table keeps its rows where they were; a model new to it goes last
+        order += [n for n in summary["models"] if n not in order]
+        summary["models"] = {n: summary["models"][n] for n in order if n in summary["models"]}
+        write_json_atomic(path, summary)
+        if final:
+            write_text_atomic(out / "quality.md", table(summary))
+            write_bytes_atomic(out / "quality.png", plot(summary))
 
 
 def table(summary: dict) -> str:
