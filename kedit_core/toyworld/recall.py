@@ -14,7 +14,7 @@ import torch
 from ..text import batches_by_tokens, prompt_target_batch
 from .world import Fact, World, words_of
 
-__all__ = ["RecallReport", "fact_recall", "recall_matrix"]
+__all__ = ["RecallReport", "fact_hits", "fact_recall", "recall_matrix"]
 
 
 @dataclass
@@ -85,3 +85,23 @@ def fact_recall(model, world: World, facts: Sequence[Fact] | None = None, *, tok
     per_template = {rid: {t: c[0] / c[1] for t, c in temps.items()} for rid, temps in per.items()}
     overall = sum(hits) / len(hits) if hits else float("nan")
     return RecallReport(per_template, overall, len(facts), len(prompts), misses)
+
+
+def fact_hits(model, world: World, facts: Sequence[Fact], *, tokenizer=None,
+              max_tokens: int = 16384) -> dict[Fact, tuple[int, int]]:
+    """``{fact: (templates recalled, templates)}``: the per-fact counts :func:`fact_recall` aggregates."""
+    if tokenizer is None:
+        tokenizer = model.tokenizer
+        model = model.model
+    prompts, targets, owners = [], [], []
+    for fact in facts:
+        for t in range(len(world.relation(fact.relation_id).templates)):
+            prompts.append(world.prompt(fact, t))
+            targets.append(" " + fact.object)
+            owners.append(fact)
+    hits = recall_matrix(model, tokenizer, prompts, targets, max_tokens=max_tokens).tolist() if prompts else []
+    counts: dict[Fact, list[int]] = {fact: [0, 0] for fact in facts}
+    for fact, hit in zip(owners, hits):
+        counts[fact][0] += int(hit)
+        counts[fact][1] += 1
+    return {fact: (c[0], c[1]) for fact, c in counts.items()}

@@ -35,10 +35,10 @@ CORPUS = ["The quick brown fox jumps over the lazy dog near the river bank at da
           "Statistics of the keys are collected over every token of this small corpus."] * 6
 
 
-def start(*args) -> subprocess.Popen:
+def start(*args, stderr=subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], cwd=REPO_ROOT,
                             env=subprocess_env(PYTHONPATH=str(REPO_ROOT)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=stderr, text=True)
 
 
 def wait_for(proc, marker: Path, timeout: float = 120) -> None:
@@ -146,16 +146,24 @@ def test_two_processes_computing_the_same_statistics_compute_them_once(tmp_path)
     stats_dir, release = tmp_path / "stats", tmp_path / "release"
     first = start("statistics", corpus, stats_dir, tmp_path / "first", 0, release)
     wait_for(first, tmp_path / "first")                  # one chunk done: the first holds the lock, and waits
-    second = start("statistics", corpus, stats_dir, tmp_path / "second", 0, "-")
-    wait_for(second, tmp_path / "second.ready")
-    time.sleep(0.5)                                      # the second is at the lock now
+    second_log = tmp_path / "second.err"
+    with open(second_log, "w") as err_file:
+        second = start("statistics", corpus, stats_dir, tmp_path / "second", 0, "-", stderr=err_file)
+    waiting = "kedit: waiting for another process computing the statistics"
+    # released only once the second says it waits at the lock (a fixed sleep raced on a loaded machine)
+    deadline = time.monotonic() + 120
+    while waiting not in second_log.read_text():
+        assert second.poll() is None, "the second process ended without waiting:\n" + second_log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the second process never reached the lock"
+        time.sleep(0.05)
     release.write_text("")
-    (out1, err1), (out2, err2) = first.communicate(timeout=180), second.communicate(timeout=180)
+    (out1, err1), (out2, _) = first.communicate(timeout=180), second.communicate(timeout=180)
+    err2 = second_log.read_text()
     assert first.returncode == 0 and second.returncode == 0, err1[-2000:] + err2[-2000:]
     one, two = json.loads(out1.splitlines()[-1]), json.loads(out2.splitlines()[-1])
     assert [r["status"] for r in one.values()] == ["computed", "computed"]
     assert [r["status"] for r in two.values()] == ["cached", "cached"]   # waited, then read the first one's files
-    assert "kedit: waiting for another process computing the statistics" in err2
+    assert waiting in err2
     assert not (tmp_path / "second").exists()            # the second never computed a chunk
 
 

@@ -48,3 +48,16 @@ def test_recall_fails_for_wrong_objects(toy, world):
         objects = world.relation(f.relation_id).objects
         wrong.append(" " + objects[(objects.index(f.object) + 1) % len(objects)])
     assert toyworld.recall_matrix(toy.model, toy.tokenizer, prompts, wrong).float().mean() < 0.05
+
+
+def test_per_fact_hits_add_up_to_the_recall_report(toy, world):
+    # edit_and_measure counts recall per fact (so the unedited model's counts serve every edit); the
+    # counts must be what fact_recall aggregates.
+    facts = world.facts[::12]
+    per_fact = toyworld.recall.fact_hits(toy, world, facts)
+    report = toyworld.fact_recall(toy, world, facts)
+    assert list(per_fact) == list(facts)
+    assert all(n == len(world.relation(f.relation_id).templates) for f, (_, n) in per_fact.items())
+    assert sum(n for _, n in per_fact.values()) == report.num_prompts
+    assert sum(h for h, _ in per_fact.values()) == round(report.overall * report.num_prompts)
+    assert any(h < n for h, n in per_fact.values()) or report.overall == 1.0
