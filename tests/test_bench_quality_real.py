@@ -37,3 +37,24 @@ def test_another_methods_summary_is_not_merged(tmp_path):
     other["method"] = "emmet"
     quality.save_summary(other, ["gemma3-270m"], tmp_path, final=False)
     assert list(json.loads((tmp_path / "quality.json").read_text())["models"]) == ["gemma3-270m"]
+
+
+def test_a_reloaded_row_keeps_the_load_and_machine_it_was_measured_under(tmp_path):
+    quality = load_bench_script("quality_real")
+    measured = _summary("smollm2-135m", 100.0)
+    old_row = measured["models"]["smollm2-135m"]["runs"][0]
+    old_row.update(timings={"edit": 843.0}, load_average_at_start=[1.9, 2.1, 2.0], machine={"platform": "first"})
+    measured["models"]["smollm2-135m"].update(fingerprint="sha256:abc", seconds={"counterfact": 4483.8})
+    quality.save_summary(measured, ["smollm2-135m"], tmp_path, final=False)
+
+    before = quality.previous_entry(tmp_path, "memit", "smollm2-135m", "sha256:abc")
+    assert before["seconds"] == {"counterfact": 4483.8}
+    assert quality.previous_entry(tmp_path, "memit", "smollm2-135m", "sha256:other") == {}  # other weights
+    assert quality.previous_entry(tmp_path, "emmet", "smollm2-135m", "sha256:abc") == {}     # other method
+
+    now = {**old_row, "load_average_at_start": [0.5, 0.5, 0.5], "machine": {"platform": "second"}}
+    kept = quality.keep_provenance(now, before)  # same timings: reloaded from the finished phases
+    assert kept["load_average_at_start"] == [1.9, 2.1, 2.0] and kept["machine"] == {"platform": "first"}
+    assert kept["reloaded"] is True
+    remeasured = {**now, "timings": {"edit": 850.0}}
+    assert quality.keep_provenance(remeasured, before) == remeasured
