@@ -67,12 +67,7 @@ def fact_recall(model, world: World, facts: Sequence[Fact] | None = None, *, tok
         tokenizer = model.tokenizer
         model = model.model
     facts = list(world.facts if facts is None else facts)
-    prompts, targets, keys = [], [], []
-    for fact in facts:
-        for t, template in enumerate(world.relation(fact.relation_id).templates):
-            prompts.append(world.prompt(fact, t))
-            targets.append(" " + fact.object)
-            keys.append((fact, template))
+    prompts, targets, keys = _recall_prompts(world, facts)
     hits = recall_matrix(model, tokenizer, prompts, targets, max_tokens=max_tokens).tolist() if prompts else []
     per: dict[str, dict[str, list[int]]] = {}
     misses = []
@@ -93,15 +88,21 @@ def fact_hits(model, world: World, facts: Sequence[Fact], *, tokenizer=None,
     if tokenizer is None:
         tokenizer = model.tokenizer
         model = model.model
-    prompts, targets, owners = [], [], []
-    for fact in facts:
-        for t in range(len(world.relation(fact.relation_id).templates)):
-            prompts.append(world.prompt(fact, t))
-            targets.append(" " + fact.object)
-            owners.append(fact)
+    prompts, targets, keys = _recall_prompts(world, facts)
     hits = recall_matrix(model, tokenizer, prompts, targets, max_tokens=max_tokens).tolist() if prompts else []
     counts: dict[Fact, list[int]] = {fact: [0, 0] for fact in facts}
-    for fact, hit in zip(owners, hits):
+    for (fact, _), hit in zip(keys, hits):
         counts[fact][0] += int(hit)
         counts[fact][1] += 1
     return {fact: (c[0], c[1]) for fact, c in counts.items()}
+
+
+def _recall_prompts(world: World, facts: Sequence[Fact]) -> tuple[list[str], list[str], list[tuple[Fact, str]]]:
+    """Every fact under every template of its relation: prompts, targets and ``(fact, template)``."""
+    prompts, targets, keys = [], [], []
+    for fact in facts:
+        for t, template in enumerate(world.relation(fact.relation_id).templates):
+            prompts.append(world.prompt(fact, t))
+            targets.append(" " + fact.object)
+            keys.append((fact, template))
+    return prompts, targets, keys
