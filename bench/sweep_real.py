@@ -12,6 +12,10 @@ the same command runs again, so a sweep cut short resumes.
         --grid '{"layers": [[3,4,5,6,7], [5,6,7,8,9]], "mom2_update_weight": [2000, 15000]}' \\
         --set v_num_grad_steps=25 --out bench/results/hparams/smollm2-135m/memit
 
+``--values-dir DIR`` keeps the MEMIT family's value batches in one store shared by all points, so a grid over
+how the values are carried into the weights (λ, the solver) optimises each value once (a grid that changes
+the values, such as the layers or the value steps, computes each point's own beside them).
+
 Writes ``OUT/sweep.json`` (every point: settings, metrics before/after, seconds), ``OUT/sweep.csv`` and
 ``OUT/sweep.png`` (Score per point; zsRE: efficacy/paraphrase/specificity).
 """
@@ -59,6 +63,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--values-dir", type=Path, default=None,
+                        help="keep value batches here and share them between points (MEMIT family): a grid over "
+                             "how values are carried into the weights (λ) optimises each value once; kept afterwards")
     args = parser.parse_args(argv)
 
     import torch
@@ -97,7 +104,8 @@ def main(argv=None) -> int:
         load = os.getloadavg()
         result = run_evaluation(model, cases, fmt, plan=EditPlan(method=args.method, overrides=overrides, seed=args.seed,
                                                                  stats=stats, describe_stats={"corpus": args.corpus,
-                                                                                              "tokens": args.tokens}),
+                                                                                              "tokens": args.tokens},
+                                                                 values_dir=args.values_dir),
                                 sizes=[len(cases)], settings=settings, out_dir=out, log=lambda m: print(m, file=sys.stderr))
         first_partial = first_partial or out / "partial" / "pre.json"
         run = result["runs"][0]
@@ -105,15 +113,19 @@ def main(argv=None) -> int:
                "pre": {k: run["aggregate"]["pre"].get(k) for k in HEADLINE[fmt]},
                "post": {k: run["aggregate"]["post"].get(k) for k in HEADLINE[fmt]},
                "timings": run["timings"], "wall_seconds": time.perf_counter() - start, "load_average_at_start": load}
-        steps = (run.get("editor_info") or {}).get("value_steps")
+        info = run.get("editor_info") or {}
+        steps = info.get("value_steps")
         if steps:
             row["value_steps_mean"] = sum(steps) / len(steps)
+        if info.get("values_resumed"):
+            row["values_resumed"] = info["values_resumed"]
         rows.append(row)
         print("   " + "  ".join(f"{k} {row['pre'][k]:.1f}->{row['post'][k]:.1f}" for k in HEADLINE[fmt]
                                 if row['post'][k] is not None), file=sys.stderr)
     report = {"command": command, "model": {"name": args.model, "fingerprint": model.fingerprint(), **model.info},
               "method": args.method, "data": args.data, "format": fmt, "n": len(cases), "seed": args.seed,
               "grid": grid, "fixed": fixed, "c0": {"corpus": args.corpus, "tokens": args.tokens},
+              "values_dir": None if args.values_dir is None else str(args.values_dir),
               "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                           "cpu_count": os.cpu_count()}, "points": rows}
     from kedit_core.atomic import write_bytes_atomic, write_json_atomic

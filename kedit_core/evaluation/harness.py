@@ -67,6 +67,11 @@ class EditPlan:
     context_templates: list[list[str]] | None = None
     check_fingerprint: bool = True          # refuse deltas made for another model / other requests
     describe_stats: Any = None              # how the C0 source was specified (recorded with the results)
+    # Where the editor keeps its value batches across runs (kept afterwards), instead of the run's own
+    # ``partial/work_<n>`` (removed once the run is saved). Plans that differ only in how the values are
+    # carried into the weights (MEMIT's λ, say) then optimise each value once; the store's keys hold
+    # everything a value depends on, so a plan whose values differ never reads another's.
+    values_dir: str | Path | None = None
 
     def __post_init__(self):
         if (self.method is None) == (self.deltas is None):
@@ -228,12 +233,14 @@ def run_evaluation(model: LoadedModel, cases: Sequence, fmt: str, *, plan: EditP
         # the editor keeps its finished pieces of work (MEMIT's value batches) here, so a run cut short
         # during the edit resumes it; once the phase is saved they are no longer needed (a run killed between
         # the two leaves them: the next run removes them)
-        work_dir = None if partial is None else partial / f"work_{n}"
+        kept_values = plan is not None and plan.values_dir is not None
+        work_dir = None if partial is None or kept_values else partial / f"work_{n}"
         if post is not None:
             say(f"{n} edits: reusing {run_path}")
         else:
             post = _edit_and_evaluate(model, subset, fmt, plan, hparams_obj, deltas_file, settings, references, tfidf,
-                                      base_fingerprint, say, work_dir=work_dir)
+                                      base_fingerprint, say,
+                                      work_dir=Path(plan.values_dir) if kept_values else work_dir)
             _save_phase(run_path, run_key, post)
         if work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)

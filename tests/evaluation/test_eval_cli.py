@@ -189,3 +189,37 @@ def test_an_evaluation_cut_short_after_the_edit_resumes_its_values(tmp_path, gpt
     resumed = result["runs"][0]["editor_info"]["values_resumed"]
     assert resumed["batches_loaded"] >= 1 and resumed["batches_computed"] == 0
     assert not (out / "partial" / "work_2").exists()
+
+
+def test_plans_that_differ_only_in_lambda_share_one_kept_value_store(tmp_path, gpt2, counterfact_path):
+    """EditPlan.values_dir: a second plan with another MEMIT λ loads every value the first one optimised
+    (values do not depend on λ) and still edits differently; the store is kept afterwards, and a plan whose
+    values differ (other value steps) computes its own beside them."""
+    from kedit_core.stats import InMemoryCovariance
+
+    _, cases = load_cases(counterfact_path, limit=2)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1024, gpt2.adapter.key_size, generator=g)
+    stats = InMemoryCovariance({1: keys.T @ keys / keys.shape[0]})
+    store = tmp_path / "values"
+    settings = EvalSettings(generation=False, progress=False)
+
+    def run(out, **overrides):
+        plan = EditPlan(method="memit", stats=stats, context_templates=[["{}"]], values_dir=store,
+                        overrides={"layers": [1], "v_num_grad_steps": 3, "mom2_update_weight": 1.0, **overrides})
+        result = run_evaluation(gpt2, cases, "counterfact", plan=plan, sizes=[2], settings=settings,
+                                out_dir=tmp_path / out)
+        return result["runs"][0]
+
+    first = run("a")
+    assert first["editor_info"]["values_resumed"]["batches_computed"] >= 1
+    saved = sorted(p.name for p in store.glob("values-*.pt"))
+    assert saved and not (tmp_path / "a" / "partial" / "work_2").exists()
+    second = run("b", mom2_update_weight=100.0)
+    assert second["editor_info"]["values_resumed"]["batches_computed"] == 0
+    assert second["editor_info"]["values_resumed"]["batches_loaded"] == len(saved)
+    assert second["deltas_norms"] != first["deltas_norms"]
+    assert sorted(p.name for p in store.glob("values-*.pt")) == saved
+    other = run("c", v_num_grad_steps=2)
+    assert other["editor_info"]["values_resumed"]["batches_loaded"] == 0
+    assert len(list(store.glob("values-*.pt"))) > len(saved)
